@@ -1,0 +1,65 @@
+"""Backend choice for dispatch/combine: ``"torch"`` or ``"triton"``.
+
+``"auto"`` picks Triton for CUDA tensors and torch otherwise; the environment variable
+``MOEBAL_BACKEND`` (``torch``/``triton``) overrides ``"auto"`` only. An explicit request is
+never downgraded: ``"triton"`` on CPU tensors raises unless ``TRITON_INTERPRET=1``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+__all__ = ["BACKENDS", "resolve_backend", "explain_auto"]
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _env_override() -> str | None:
+    env = os.environ.get("MOEBAL_BACKEND", "").strip().lower()
+    if not env or env == "auto":
+        return None
+    if env not in ("torch", "triton"):
+        raise ValueError(f"MOEBAL_BACKEND must be 'torch', 'triton' or 'auto', got {env!r}")
+    return env
+
+
+def explain_auto(device: torch.device | str) -> tuple[str, str]:
+    """What ``"auto"`` resolves to on ``device``, and why (for ``moebal info``)."""
+    device = torch.device(device)
+    env = _env_override()
+    if env is not None:
+        return env, f"MOEBAL_BACKEND={env} overrides 'auto'"
+    if device.type == "cuda":
+        if _triton_available():
+            return "triton", "CUDA tensor and triton is installed"
+        return "torch", "CUDA tensor but triton is not installed"
+    return "torch", f"{device.type} tensor: Triton kernels run only on CUDA (or under TRITON_INTERPRET=1 when asked explicitly)"
+
+
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    """Resolve a backend request for tensors on ``device``; raise when it cannot run."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    device = torch.device(device)
+    if backend == "auto":
+        backend = explain_auto(device)[0]
+    if backend == "triton":
+        if not _triton_available():
+            raise RuntimeError("backend='triton' was requested but triton is not installed")
+        if device.type != "cuda" and not _interpreting():
+            raise RuntimeError(
+                f"backend='triton' was requested for {device.type} tensors; Triton kernels need "
+                "CUDA tensors, or TRITON_INTERPRET=1 set before moebal is imported to run them "
+                "(slowly) on the CPU. Use backend='torch' or 'auto' instead."
+            )
+    return backend

@@ -1,0 +1,166 @@
+"""Routing formulas: top-k selection, balancing losses and the loss-free bias update.
+
+Pure functions on tensors, no module state. Shape legend: T tokens, E experts, K top-k.
+All router math runs in fp32 whatever the input dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "topk_routing",
+    "switch_aux_loss",
+    "sequence_aux_loss",
+    "router_z_loss",
+    "loss_free_update",
+    "scores_from_logits",
+]
+
+_SCORES = ("softmax", "sigmoid")
+
+
+def _check_int(name: str, value, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value
+
+
+def _check_logits(logits_TE: torch.Tensor, name: str = "logits") -> None:
+    if not isinstance(logits_TE, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(logits_TE).__name__}")
+    if logits_TE.dim() != 2:
+        raise ValueError(f"{name} must have shape [T, E], got {tuple(logits_TE.shape)}")
+    if not logits_TE.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {logits_TE.dtype}")
+
+
+def scores_from_logits(logits_TE: torch.Tensor, score: str = "softmax") -> torch.Tensor:
+    """Router scores in fp32: softmax over experts, or an independent sigmoid per expert."""
+    if score == "softmax":
+        return torch.softmax(logits_TE.float(), dim=-1)
+    if score == "sigmoid":
+        return torch.sigmoid(logits_TE.float())
+    raise ValueError(f"score must be one of {_SCORES}, got {score!r}")
+
+
+def topk_routing(
+    logits_TE: torch.Tensor,
+    top_k: int,
+    score: str = "softmax",
+    bias: torch.Tensor | None = None,
+    renormalize: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose ``top_k`` experts per token.
+
+    Args:
+        logits_TE: router logits ``[T, E]``, any float dtype (math runs in fp32).
+        top_k: experts per token, ``1 <= top_k <= E``.
+        score: ``"softmax"`` or ``"sigmoid"``.
+        bias: optional ``[E]`` expert bias added to the scores to *choose* experts only
+            (loss-free balancing); it never enters the returned weights.
+        renormalize: divide the chosen weights by their sum.
+
+    Returns:
+        ``(weights_TK fp32, indices_TK int64)``. Experts are ordered by biased score,
+        descending; equal scores break toward the lower expert index. Non-finite scores
+        never produce invalid indices: NaN ranks below every number, so a row of NaNs is
+        routed to experts ``0..K-1`` and its NaN weights propagate visibly.
+    """
+    _check_logits(logits_TE)
+    num_experts = logits_TE.shape[-1]
+    _check_int("top_k", top_k)
+    if top_k > num_experts:
+        raise ValueError(f"top_k must be <= num_experts ({num_experts}), got {top_k}")
+    scores_TE = scores_from_logits(logits_TE, score)
+    select_TE = scores_TE
+    if bias is not None:
+        if bias.shape != (num_experts,):
+            raise ValueError(f"bias must have shape [{num_experts}], got {tuple(bias.shape)}")
+        select_TE = scores_TE + bias.float()
+    # NaN -> -inf so it sorts last; a stable descending sort breaks ties toward lower index.
+    select_TE = torch.nan_to_num(select_TE.detach(), nan=float("-inf"))
+    indices_TK = torch.sort(select_TE, dim=-1, descending=True, stable=True).indices[:, :top_k]
+    weights_TK = scores_TE.gather(1, indices_TK)
+    if renormalize:
+        weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+    return weights_TK, indices_TK
+
+
+def _expert_fraction(indices_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """f_E: fraction of all T*K routed (token, slot) pairs that went to each expert."""
+    flat = indices_TK.reshape(-1)
+    counts_E = torch.zeros(num_experts, dtype=torch.float32, device=flat.device)
+    counts_E.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.float32))
+    return counts_E / max(flat.numel(), 1)
+
+
+def switch_aux_loss(probs_TE: torch.Tensor, indices_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Switch/GShard balance loss ``E * sum_i f_i * P_i``.
+
+    ``f_i`` is the fraction of the T*K routed pairs sent to expert i (all K choices count),
+    ``P_i`` the mean router probability of expert i over the T tokens. Perfectly balanced
+    routing with rows of ``probs`` summing to 1 gives exactly 1.0; all tokens collapsed
+    onto the same K experts gives E/K. Only ``P`` carries gradient.
+    """
+    _check_int("num_experts", num_experts)
+    if probs_TE.dim() != 2 or probs_TE.shape[-1] != num_experts:
+        raise ValueError(f"probs must have shape [T, {num_experts}], got {tuple(probs_TE.shape)}")
+    if indices_TK.dim() != 2 or indices_TK.shape[0] != probs_TE.shape[0]:
+        raise ValueError(
+            f"indices must have shape [T={probs_TE.shape[0]}, K], got {tuple(indices_TK.shape)}"
+        )
+    f_E = _expert_fraction(indices_TK, num_experts)
+    P_E = probs_TE.float().mean(dim=0)
+    return num_experts * torch.dot(f_E, P_E)
+
+
+def sequence_aux_loss(
+    probs_TE: torch.Tensor, indices_TK: torch.Tensor, num_experts: int, seq_len: int
+) -> torch.Tensor:
+    """DeepSeek-V3 per-sequence balance loss: the Switch loss of each sequence, averaged.
+
+    Rows are laid out as a flattened ``[B, S]``: sequence b owns rows ``b*S .. b*S+S-1``.
+    For a single sequence it equals :func:`switch_aux_loss`.
+    """
+    _check_int("num_experts", num_experts)
+    _check_int("seq_len", seq_len)
+    T = probs_TE.shape[0]
+    if T % seq_len != 0:
+        raise ValueError(f"number of rows ({T}) must be a multiple of seq_len ({seq_len})")
+    if probs_TE.dim() != 2 or probs_TE.shape[-1] != num_experts:
+        raise ValueError(f"probs must have shape [T, {num_experts}], got {tuple(probs_TE.shape)}")
+    B, K = T // seq_len, indices_TK.shape[-1]
+    idx_BN = indices_TK.reshape(B, seq_len * K)
+    counts_BE = torch.zeros(B, num_experts, dtype=torch.float32, device=probs_TE.device)
+    counts_BE.scatter_add_(1, idx_BN, torch.ones_like(idx_BN, dtype=torch.float32))
+    f_BE = counts_BE / (seq_len * K)
+    P_BE = probs_TE.float().reshape(B, seq_len, num_experts).mean(dim=1)
+    return num_experts * (f_BE * P_BE).sum(dim=-1).mean()
+
+
+def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss: ``mean_t logsumexp(logits_t)^2`` (fp32, finite for large logits)."""
+    _check_logits(logits_TE)
+    return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+
+
+def loss_free_update(bias_E: torch.Tensor, load_E: torch.Tensor, rate: float) -> torch.Tensor:
+    """Loss-free balancing step: ``b + rate * sign(mean(load) - load)``.
+
+    The sign is decided in exact integer arithmetic when ``load`` holds integers
+    (``sign(sum(load) - E*load_i)``), so counts near 4e4 that differ by one are ordered
+    right. Returns a new tensor in ``bias``'s dtype.
+    """
+    if bias_E.shape != load_E.shape or bias_E.dim() != 1:
+        raise ValueError(
+            f"bias and load must both have shape [E], got {tuple(bias_E.shape)} and {tuple(load_E.shape)}"
+        )
+    E = load_E.shape[0]
+    if load_E.is_floating_point():
+        err_E = load_E.double().sum() - E * load_E.double()
+    else:
+        err_E = load_E.long().sum() - E * load_E.long()
+    step_E = torch.sign(err_E).to(bias_E.dtype) * rate
+    return bias_E + step_E
