@@ -24,23 +24,30 @@ def _gather_rows(src_RD: torch.Tensor, rows: torch.Tensor, may_skip: bool) -> to
     return out
 
 
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: fp32 for half types, the input's own for fp32/fp64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _combine_fwd(ys_RD, weights_TK, plan: DispatchPlan):
     T, K = plan.row_of_pair_TK.shape
+    acc = _acc(ys_RD.dtype)
     g_TKD = _gather_rows(ys_RD, plan.row_of_pair_TK, plan.has_drops).view(T, K, -1)
-    y_T1D = torch.bmm(weights_TK.float().unsqueeze(1), g_TKD.float())
+    y_T1D = torch.bmm(weights_TK.to(acc).unsqueeze(1), g_TKD.to(acc))
     return y_T1D.squeeze(1).to(ys_RD.dtype)
 
 
 def _combine_bwd(grad_y_TD, ys_RD, weights_TK, plan: DispatchPlan):
     T, K = plan.row_of_pair_TK.shape
     pad = plan.has_drops
+    acc = _acc(ys_RD.dtype)
     # d ys[r] = w[pair(r)] * dy[token(r)]: a gather, each row written once
     w_R = _gather_rows(weights_TK.reshape(-1, 1), plan.pair_of_row_R, pad).squeeze(-1)
     dy_RD = _gather_rows(grad_y_TD, plan.token_of_row_R, pad)
-    grad_ys = (dy_RD.float() * w_R.float().unsqueeze(-1)).to(ys_RD.dtype)
+    grad_ys = (dy_RD.to(acc) * w_R.to(acc).unsqueeze(-1)).to(ys_RD.dtype)
     # d w[t,k] = <dy[t], ys[row(t,k)]>
     g_TKD = _gather_rows(ys_RD, plan.row_of_pair_TK, pad).view(T, K, -1)
-    grad_w = torch.bmm(g_TKD.float(), grad_y_TD.float().unsqueeze(-1)).squeeze(-1)
+    grad_w = torch.bmm(g_TKD.to(acc), grad_y_TD.to(acc).unsqueeze(-1)).squeeze(-1)
     return grad_ys, grad_w.to(weights_TK.dtype)
 
 
@@ -55,7 +62,7 @@ class _TorchDispatch(torch.autograd.Function):
         plan = ctx.plan
         T, K = plan.row_of_pair_TK.shape
         g_TKD = _gather_rows(grad_xs_RD.contiguous(), plan.row_of_pair_TK, plan.has_drops)
-        return g_TKD.view(T, K, -1).sum(dim=1, dtype=torch.float32).to(grad_xs_RD.dtype), None
+        return g_TKD.view(T, K, -1).sum(dim=1, dtype=_acc(grad_xs_RD.dtype)).to(grad_xs_RD.dtype), None
 
 
 class _TorchCombine(torch.autograd.Function):

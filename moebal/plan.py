@@ -83,8 +83,8 @@ def build_plan(
     if drop_policy not in DROP_POLICIES:
         raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {drop_policy!r}")
     if capacity is not None:
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
-            raise ValueError(f"capacity must be a non-negative int or None, got {capacity!r}")
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"capacity must be a positive int or None, got {capacity!r}")
     T, K = indices_TK.shape
     N, E, device = T * K, num_experts, indices_TK.device
     expert_N = indices_TK.reshape(-1).long()

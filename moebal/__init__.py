@@ -1,0 +1,23 @@
+"""moebal: Mixture-of-Experts routing and load balancing for PyTorch."""
+from moebal import functional, stats, testing
+from moebal.layer import MoE
+from moebal.plan import DispatchPlan
+from moebal.router import AuxLoss, LinearAssignment, LossFree, Router, Routing, update_biases
+from moebal.stats import BalanceStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MoE",
+    "Router",
+    "Routing",
+    "AuxLoss",
+    "LossFree",
+    "LinearAssignment",
+    "update_biases",
+    "BalanceStats",
+    "DispatchPlan",
+    "functional",
+    "stats",
+    "testing",
+]

@@ -1,0 +1,145 @@
+"""moebal.MoE: a drop-in Mixture-of-Experts replacement for a transformer FFN.
+
+Shape legend: T tokens, D model dim, F expert hidden, E experts, K top-k, R xs rows.
+
+    x [..., D] -> Router -> dispatch -> GroupedExperts -> combine (+ shared experts) -> y [..., D]
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moebal.backend import BACKENDS
+from moebal.dispatch import combine_rows, dispatch_rows
+from moebal.experts import ACTIVATIONS, GroupedExperts
+from moebal.plan import DROP_POLICIES, build_plan
+from moebal.router import Router, make_router
+from moebal.stats import BalanceStats
+
+__all__ = ["MoE", "DenseFFN"]
+
+
+class DenseFFN(nn.Module):
+    """A dense FFN with the experts' activation (used for shared experts and baselines)."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str = "swiglu"):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        self.activation = activation
+        hidden = 2 * d_ff if activation == "swiglu" else d_ff
+        self.w_in = nn.Linear(d_model, hidden, bias=False)
+        self.w_out = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.w_in(x)
+        if self.activation == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            return self.w_out(F.silu(gate) * up)
+        return self.w_out(F.gelu(h))
+
+
+class MoE(nn.Module):
+    """Mixture-of-Experts FFN layer.
+
+    Args:
+        d_model: model width D.
+        d_ff: hidden width F of each expert.
+        num_experts: E routed experts.
+        top_k: experts per token K.
+        router: ``"aux_loss"`` (softmax, Switch loss alpha=1e-2), ``"loss_free"`` (sigmoid,
+            bias rate 1e-3), ``"base"`` (balanced assignment in training) or a ``moebal.Router``.
+        capacity_factor: None for dropless, or a float c > 0: each expert takes at most
+            ``ceil(c * T * K / E)`` rows; overflowing pairs contribute zero and are counted
+            in ``last_stats``.
+        num_shared_experts: dense experts every token passes through (DeepSeek), run as
+            one FFN of hidden ``num_shared_experts * d_ff``.
+        activation: ``"swiglu"`` or ``"gelu"``.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` for dispatch/combine.
+        drop_policy: which pairs an overflowing expert drops: ``"position"`` (keeps the
+            earliest tokens) or ``"weight"`` (drops the lowest routing weights).
+
+    After each forward, ``aux_loss`` holds the router's balancing loss (a scalar tensor,
+    zero when the policy has none) and ``last_stats`` a :class:`BalanceStats`.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        num_experts: int,
+        top_k: int,
+        router: str | Router = "aux_loss",
+        capacity_factor: float | None = None,
+        num_shared_experts: int = 0,
+        activation: str = "swiglu",
+        backend: str = "auto",
+        drop_policy: str = "position",
+    ):
+        super().__init__()
+        for name, value in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts), ("top_k", top_k)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if top_k > num_experts:
+            raise ValueError(f"top_k must be <= num_experts ({num_experts}), got {top_k}")
+        if capacity_factor is not None and (
+            isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)) or not capacity_factor > 0
+            or not math.isfinite(capacity_factor)
+        ):
+            raise ValueError(f"capacity_factor must be None or a finite number > 0, got {capacity_factor!r}")
+        if isinstance(num_shared_experts, bool) or not isinstance(num_shared_experts, int) or num_shared_experts < 0:
+            raise ValueError(f"num_shared_experts must be an int >= 0, got {num_shared_experts!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if drop_policy not in DROP_POLICIES:
+            raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {drop_policy!r}")
+        self.d_model, self.d_ff, self.num_experts, self.top_k = d_model, d_ff, num_experts, top_k
+        self.capacity_factor, self.backend, self.drop_policy = capacity_factor, backend, drop_policy
+        self.router = make_router(router, d_model, num_experts, top_k)
+        self.experts = GroupedExperts(d_model, d_ff, num_experts, activation)
+        self.shared = DenseFFN(d_model, num_shared_experts * d_ff, activation) if num_shared_experts else None
+        self.aux_loss: torch.Tensor = torch.zeros(())
+        self.last_stats: BalanceStats | None = None
+
+    def capacity(self, num_tokens: int) -> int | None:
+        """Rows per expert for ``num_tokens`` tokens (None when dropless)."""
+        if self.capacity_factor is None:
+            return None
+        return max(1, math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+        if x.dim() < 1 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must have shape [..., {self.d_model}], got {tuple(x.shape)}")
+        shape = x.shape
+        x_TD = x.reshape(-1, self.d_model)
+        seq_len = shape[-2] if x.dim() >= 3 else None
+        routing = self.router(x_TD, seq_len=seq_len)
+        plan = build_plan(
+            routing.indices, self.num_experts, self.capacity(x_TD.shape[0]), routing.weights, self.drop_policy
+        )
+        xs_RD = dispatch_rows(x_TD, plan, self.backend)
+        ys_RD = self.experts(xs_RD, plan)
+        y_TD = combine_rows(ys_RD, plan, routing.weights, self.backend)
+        if self.shared is not None:
+            y_TD = y_TD + self.shared(x_TD)
+        self.aux_loss = routing.aux_loss
+        self.last_stats = BalanceStats(
+            load=plan.counts_E, kept=plan.kept_E, num_tokens=x_TD.shape[0], top_k=self.top_k,
+            nonfinite_tokens=routing.nonfinite_tokens,
+        )
+        return y_TD.view(shape)
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, d_ff={self.d_ff}, num_experts={self.num_experts}, top_k={self.top_k}, "
+            f"capacity_factor={self.capacity_factor}, backend={self.backend!r}"
+        )

@@ -1,0 +1,167 @@
+"""Balance statistics: expert load, MaxVio, CV, entropy, drops — and a meter over steps.
+
+All functions take the int64 load ``[E]`` (routed (token, slot) pairs per expert) and
+return 0-d float tensors, so they can be logged without a host sync until printed.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = [
+    "expert_load",
+    "max_violation",
+    "coefficient_of_variation",
+    "load_entropy",
+    "dropped_fraction",
+    "BalanceStats",
+    "BalanceMeter",
+]
+
+
+def expert_load(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """int64 ``[E]`` count of routed (token, slot) pairs per expert."""
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+    flat = indices.reshape(-1).long()
+    load = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
+    return load.scatter_add_(0, flat, torch.ones_like(flat))
+
+
+def _as_load(load: torch.Tensor) -> torch.Tensor:
+    if not isinstance(load, torch.Tensor) or load.dim() != 1 or load.numel() == 0:
+        raise ValueError(f"load must be a non-empty 1-D tensor [E], got {load!r}")
+    return load.double()
+
+
+def max_violation(load: torch.Tensor) -> torch.Tensor:
+    """MaxVio = (max - mean) / mean; 0 means perfectly balanced (0 for an empty load)."""
+    l = _as_load(load)
+    mean = l.mean()
+    return torch.where(mean > 0, (l.max() - mean) / mean.clamp(min=1e-300), torch.zeros_like(mean))
+
+
+def coefficient_of_variation(load: torch.Tensor) -> torch.Tensor:
+    """Population standard deviation / mean of the load."""
+    l = _as_load(load)
+    mean = l.mean()
+    std = l.std(correction=0)
+    return torch.where(mean > 0, std / mean.clamp(min=1e-300), torch.zeros_like(mean))
+
+
+def load_entropy(load: torch.Tensor) -> torch.Tensor:
+    """Entropy of the load distribution normalised by log E: 1 = uniform, 0 = one expert."""
+    l = _as_load(load)
+    E = l.numel()
+    if E == 1:
+        return torch.ones((), dtype=l.dtype, device=l.device)
+    p = l / l.sum().clamp(min=1e-300)
+    h = -(torch.where(p > 0, p * p.log(), torch.zeros_like(p))).sum()
+    return h / math.log(E)
+
+
+def dropped_fraction(load: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Fraction of routed pairs that the capacity dropped: (sum(load) - sum(kept)) / sum(load)."""
+    l, k = _as_load(load), _as_load(kept)
+    total = l.sum()
+    return torch.where(total > 0, (total - k.sum()) / total.clamp(min=1e-300), torch.zeros_like(total))
+
+
+@dataclass
+class BalanceStats:
+    """Balance of one forward pass. ``load`` is the int64 ``[E]`` routed-pair count."""
+
+    load: torch.Tensor
+    kept: torch.Tensor
+    num_tokens: int
+    top_k: int
+    nonfinite_tokens: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+
+    @property
+    def max_violation(self) -> torch.Tensor:
+        return max_violation(self.load)
+
+    @property
+    def cv(self) -> torch.Tensor:
+        return coefficient_of_variation(self.load)
+
+    @property
+    def entropy(self) -> torch.Tensor:
+        return load_entropy(self.load)
+
+    @property
+    def dropped_fraction(self) -> torch.Tensor:
+        return dropped_fraction(self.load, self.kept)
+
+    def to_dict(self) -> dict:
+        """Plain Python numbers, ready for a logger (this syncs with the device)."""
+        return {
+            "max_violation": float(self.max_violation),
+            "cv": float(self.cv),
+            "entropy": float(self.entropy),
+            "dropped_fraction": float(self.dropped_fraction),
+            "nonfinite_tokens": int(self.nonfinite_tokens),
+            "num_tokens": self.num_tokens,
+            "load": self.load.tolist(),
+        }
+
+
+class BalanceMeter:
+    """Accumulates per-layer balance over steps.
+
+    ``maxvio_global`` is the MaxVio of the counts summed over every step seen;
+    ``maxvio_batch`` is the mean of the per-step MaxVio. Both per layer name.
+    """
+
+    def __init__(self):
+        self._sum: dict[str, torch.Tensor] = {}
+        self._batch: dict[str, list[float]] = {}
+
+    def update(self, name: str, load: torch.Tensor) -> None:
+        load = load.detach().to("cpu", torch.int64)
+        if name in self._sum:
+            if self._sum[name].shape != load.shape:
+                raise ValueError(f"layer {name!r}: load shape {tuple(load.shape)} != {tuple(self._sum[name].shape)}")
+            self._sum[name] += load
+        else:
+            self._sum[name] = load.clone()
+            self._batch[name] = []
+        self._batch[name].append(float(max_violation(load)))
+
+    def update_model(self, model: torch.nn.Module) -> None:
+        """Record ``last_stats.load`` of every MoE layer of ``model`` (by module name)."""
+        for name, module in model.named_modules():
+            stats = getattr(module, "last_stats", None)
+            if isinstance(stats, BalanceStats):
+                self.update(name, stats.load)
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self._sum)
+
+    def summed_load(self, name: str) -> torch.Tensor:
+        return self._sum[name].clone()
+
+    def maxvio_global(self, name: str | None = None) -> float:
+        """MaxVio of summed counts for one layer, or the mean over layers when name is None."""
+        names = [name] if name is not None else self.layers
+        if not names:
+            raise ValueError("BalanceMeter has no data yet")
+        return sum(float(max_violation(self._sum[n])) for n in names) / len(names)
+
+    def maxvio_batch(self, name: str | None = None, last: int | None = None) -> float:
+        """Mean per-step MaxVio (of the ``last`` steps when given), per layer or averaged."""
+        names = [name] if name is not None else self.layers
+        if not names:
+            raise ValueError("BalanceMeter has no data yet")
+        vals = []
+        for n in names:
+            steps = self._batch[n][-last:] if last else self._batch[n]
+            vals.append(sum(steps) / len(steps))
+        return sum(vals) / len(vals)
+
+    def reset(self) -> None:
+        self._sum.clear()
+        self._batch.clear()
