@@ -9,12 +9,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moebal.backend import BACKENDS
 from moebal.dispatch import combine_rows, dispatch_rows
-from moebal.experts import ACTIVATIONS, GroupedExperts
+from moebal.experts import ACTIVATIONS, GroupedExperts, activate
 from moebal.plan import DROP_POLICIES, build_plan
 from moebal.router import Router, make_router
 from moebal.stats import BalanceStats
@@ -35,11 +34,7 @@ class DenseFFN(nn.Module):
         self.w_out = nn.Linear(d_ff, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.w_in(x)
-        if self.activation == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            return self.w_out(F.silu(gate) * up)
-        return self.w_out(F.gelu(h))
+        return self.w_out(activate(self.w_in(x), self.activation))
 
 
 class MoE(nn.Module):
@@ -57,10 +52,14 @@ class MoE(nn.Module):
             in ``last_stats``.
         num_shared_experts: dense experts every token passes through (DeepSeek), run as
             one FFN of hidden ``num_shared_experts * d_ff``.
-        activation: ``"swiglu"`` or ``"gelu"``.
+        activation: ``"swiglu"``, ``"gelu"`` (exact) or ``"gelu_tanh"`` (tanh approximation).
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` for dispatch/combine.
         drop_policy: which pairs an overflowing expert drops: ``"position"`` (keeps the
             earliest tokens) or ``"weight"`` (drops the lowest routing weights).
+        shared_d_ff: hidden width of the shared FFN when it is not ``num_shared_experts * d_ff``.
+        shared_gate: scale the shared FFN's output by ``sigmoid(x w_gate)`` (Qwen2-MoE),
+            a learned ``shared_gate.weight [1, D]``.
+        ffn_bias: give every expert biases ``b_in_EH`` / ``b_out_ED`` (GPT-2-style FFNs).
 
     After each forward, ``aux_loss`` holds the router's balancing loss (a scalar tensor,
     zero when the policy has none) and ``last_stats`` a :class:`BalanceStats`.
@@ -78,6 +77,9 @@ class MoE(nn.Module):
         activation: str = "swiglu",
         backend: str = "auto",
         drop_policy: str = "position",
+        shared_d_ff: int | None = None,
+        shared_gate: bool = False,
+        ffn_bias: bool = False,
     ):
         super().__init__()
         for name, value in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts), ("top_k", top_k)):
@@ -94,6 +96,12 @@ class MoE(nn.Module):
             raise ValueError(f"capacity_factor must be None or a finite number > 0, got {capacity_factor!r}")
         if isinstance(num_shared_experts, bool) or not isinstance(num_shared_experts, int) or num_shared_experts < 0:
             raise ValueError(f"num_shared_experts must be an int >= 0, got {num_shared_experts!r}")
+        if shared_d_ff is not None and (
+            isinstance(shared_d_ff, bool) or not isinstance(shared_d_ff, int) or shared_d_ff < 1 or not num_shared_experts
+        ):
+            raise ValueError(f"shared_d_ff must be None or an int >= 1 with num_shared_experts > 0, got {shared_d_ff!r}")
+        if shared_gate and not num_shared_experts:
+            raise ValueError("shared_gate=True needs num_shared_experts > 0")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if drop_policy not in DROP_POLICIES:
@@ -101,8 +109,10 @@ class MoE(nn.Module):
         self.d_model, self.d_ff, self.num_experts, self.top_k = d_model, d_ff, num_experts, top_k
         self.capacity_factor, self.backend, self.drop_policy = capacity_factor, backend, drop_policy
         self.router = make_router(router, d_model, num_experts, top_k)
-        self.experts = GroupedExperts(d_model, d_ff, num_experts, activation)
-        self.shared = DenseFFN(d_model, num_shared_experts * d_ff, activation) if num_shared_experts else None
+        self.experts = GroupedExperts(d_model, d_ff, num_experts, activation, bias=ffn_bias)
+        shared_hidden = shared_d_ff if shared_d_ff is not None else num_shared_experts * d_ff
+        self.shared = DenseFFN(d_model, shared_hidden, activation) if num_shared_experts else None
+        self.shared_gate = nn.Linear(d_model, 1, bias=False) if shared_gate else None
         self.aux_loss: torch.Tensor = torch.zeros(())
         self.last_stats: BalanceStats | None = None
 
@@ -130,7 +140,10 @@ class MoE(nn.Module):
         ys_RD = self.experts(xs_RD, plan)
         y_TD = combine_rows(ys_RD, plan, routing.weights, self.backend)
         if self.shared is not None:
-            y_TD = y_TD + self.shared(x_TD)
+            shared_TD = self.shared(x_TD)
+            if self.shared_gate is not None:
+                shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
+            y_TD = y_TD + shared_TD
         self.aux_loss = routing.aux_loss
         self.last_stats = BalanceStats(
             load=plan.counts_E, kept=plan.kept_E, num_tokens=x_TD.shape[0], top_k=self.top_k,
