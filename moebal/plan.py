@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moebal.backend import resolve_backend
+
 __all__ = ["DispatchPlan", "build_plan", "DROP_POLICIES"]
 
 DROP_POLICIES = ("position", "weight")
@@ -59,12 +61,19 @@ def _check_indices(indices_TK: torch.Tensor, num_experts: int) -> None:
         raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
 
 
+def _check_capacity(capacity) -> None:
+    if capacity is not None:
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"capacity must be a positive int or None, got {capacity!r}")
+
+
 def build_plan(
     indices_TK: torch.Tensor,
     num_experts: int,
     capacity: int | None = None,
     weights_TK: torch.Tensor | None = None,
     drop_policy: str = "position",
+    backend: str = "torch",
 ) -> DispatchPlan:
     """Group the routed pairs by expert.
 
@@ -78,13 +87,19 @@ def build_plan(
         drop_policy: when an expert overflows its capacity, ``"position"`` keeps its
             earliest tokens (by token index), ``"weight"`` drops its lowest-weight pairs
             (ties: the later token is dropped).
+        backend: ``"torch"`` (default), ``"auto"`` or ``"triton"``; when it resolves to
+            Triton and the drop policy is ``"position"``, the plan is built on the device
+            by ``moebal.triton_ops.triton_build_plan`` (same fields, bit for bit);
+            ``"weight"`` drops are always built with the torch ops below.
     """
     _check_indices(indices_TK, num_experts)
     if drop_policy not in DROP_POLICIES:
         raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {drop_policy!r}")
-    if capacity is not None:
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"capacity must be a positive int or None, got {capacity!r}")
+    _check_capacity(capacity)
+    if backend != "torch" and drop_policy == "position" and resolve_backend(backend, indices_TK.device) == "triton":
+        from moebal.triton_ops import triton_build_plan
+
+        return triton_build_plan(indices_TK, num_experts, capacity)
     T, K = indices_TK.shape
     N, E, device = T * K, num_experts, indices_TK.device
     expert_N = indices_TK.reshape(-1).long()
