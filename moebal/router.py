@@ -3,12 +3,18 @@
 Shape legend: T tokens, D model dim, E experts, K top-k.
 
 Policies:
-- ``AuxLoss``: Switch/GShard balance loss (per batch or per sequence) added to the loss.
+- ``AuxLoss``: Switch/GShard balance loss (per batch, per sequence, or over the global
+  batch: counts summed over the data-parallel group and the micro-batches of a step).
 - ``LossFree``: DeepSeek's loss-free balancing; an fp32 ``expert_bias`` steers selection
   only and moves by ``rate * sign(mean load - load)`` after each training step (``"auto"``)
   or when ``moebal.update_biases(model)`` is called (``"manual"``).
 - ``LinearAssignment``: BASE layers; in training every expert gets exactly T*K/E tokens
   (maximal total score); at eval, greedy top-k.
+
+Data parallelism: ``Router.balance_group`` (None = this process only) is the process group
+whose ranks' counts are summed (int64, exact) before a loss-free update and into the
+global-batch aux loss, so every rank sees the same statistics and holds a bit-identical
+bias. Set it with ``Router(..., balance_group=...)`` or ``moebal.parallel.set_balance_group``.
 """
 from __future__ import annotations
 
@@ -24,7 +30,16 @@ __all__ = ["Router", "Routing", "AuxLoss", "LossFree", "LinearAssignment", "upda
 
 @dataclass(frozen=True)
 class AuxLoss:
-    """Switch/GShard auxiliary loss ``alpha * E * sum_i f_i P_i``; ``variant`` "batch" or "sequence"."""
+    """Switch/GShard auxiliary loss ``alpha * E * sum_i f_i P_i``.
+
+    ``variant``: ``"batch"`` (f, P over this forward's tokens), ``"sequence"`` (per
+    sequence, averaged) or ``"global_batch"`` (Qiu et al. 2025, "Demons in the Detail"):
+    f is the fraction of routed pairs per expert summed over the router's
+    ``balance_group`` and, inside a ``moebal.parallel.GlobalBatchBalance`` window, over
+    the micro-batches seen so far in the step; P stays local (this rank's tokens), so
+    under data-parallel gradient averaging the gradient has the scale of the concatenated
+    batch's loss, whatever the world size.
+    """
 
     alpha: float = 1e-2
     variant: str = "batch"
@@ -32,8 +47,8 @@ class AuxLoss:
     def __post_init__(self):
         if not isinstance(self.alpha, (int, float)) or self.alpha < 0:
             raise ValueError(f"AuxLoss alpha must be a non-negative number, got {self.alpha!r}")
-        if self.variant not in ("batch", "sequence"):
-            raise ValueError(f"AuxLoss variant must be 'batch' or 'sequence', got {self.variant!r}")
+        if self.variant not in ("batch", "sequence", "global_batch"):
+            raise ValueError(f"AuxLoss variant must be 'batch', 'sequence' or 'global_batch', got {self.variant!r}")
 
 
 @dataclass(frozen=True)
@@ -84,6 +99,8 @@ class Router(nn.Module):
             top_k > 1; False for top_k == 1, where renormalising would make every weight 1
             and cut the router off from the task gradient.
         scale: multiplier applied to the final weights (DeepSeek's routed scaling factor).
+        balance_group: process group over which balancing counts are summed (see the
+            module docstring); None keeps them local.
 
     Non-finite logits: the token is still routed to K valid experts (NaN ranks lowest), its
     weights are NaN so the loss shows it, and ``Routing.nonfinite_tokens`` counts it.
@@ -99,6 +116,7 @@ class Router(nn.Module):
         z_loss: float = 0.0,
         renormalize: bool | None = None,
         scale: float = 1.0,
+        balance_group=None,
     ):
         super().__init__()
         for name, value in (("d_model", d_model), ("num_experts", num_experts), ("top_k", top_k)):
@@ -123,6 +141,22 @@ class Router(nn.Module):
             self.register_buffer("load_counts", torch.zeros(num_experts, dtype=torch.int64))
         else:
             self.expert_bias = None
+        self.balance_group = balance_group
+        if isinstance(balancer, AuxLoss) and balancer.variant == "global_batch":
+            # the step's window: summed counts [E] + routed pairs, and local detached
+            # sums of P and tokens for the exact step value (GlobalBatchBalance)
+            self.register_buffer("window_counts", torch.zeros(num_experts + 1, dtype=torch.int64), persistent=False)
+            self.register_buffer("window_probs", torch.zeros(num_experts + 1, dtype=torch.float64), persistent=False)
+            self.window_open = False
+
+    @property
+    def balance_group(self):
+        """Process group whose counts are summed for balancing (None = local only)."""
+        return self._balance_group.group
+
+    @balance_group.setter
+    def balance_group(self, group) -> None:
+        self._balance_group = _GroupRef(group)
 
     def forward(self, x_TD: torch.Tensor, seq_len: int | None = None) -> Routing:
         """Route ``x [T, D]``; ``seq_len`` (rows per sequence) is needed by the sequence aux loss."""
@@ -153,6 +187,8 @@ class Router(nn.Module):
                 if seq_len is None:
                     raise ValueError("AuxLoss(variant='sequence') needs seq_len (pass x as [B, S, D] to MoE)")
                 aux = aux + bal.alpha * R.sequence_aux_loss(probs_TE, indices_TK, E, seq_len)
+            elif bal.variant == "global_batch":
+                aux = aux + bal.alpha * self._global_aux_loss(probs_TE, indices_TK)
             else:
                 aux = aux + bal.alpha * R.switch_aux_loss(probs_TE, indices_TK, E)
         if self.z_loss > 0 and self.training:
@@ -163,8 +199,27 @@ class Router(nn.Module):
                 flat = indices_TK.reshape(-1)
                 self.load_counts.scatter_add_(0, flat, torch.ones_like(flat))
                 if bal.update == "auto":
+                    _all_reduce_sum(self.load_counts, self.balance_group)
                     self.apply_bias_update()
         return Routing(indices_TK, weights_TK, scores_TE, aux, nonfinite)
+
+    def _global_aux_loss(self, probs_TE: torch.Tensor, indices_TK: torch.Tensor) -> torch.Tensor:
+        """``E * sum_i f_i P_i``: f from the window's summed counts, P from these tokens."""
+        E = self.num_experts
+        with torch.no_grad():
+            flat = indices_TK.reshape(-1)
+            counts = torch.zeros(E + 1, dtype=torch.int64, device=flat.device)
+            counts.scatter_add_(0, flat, torch.ones_like(flat))
+            counts[E] = flat.numel()
+            _all_reduce_sum(counts, self.balance_group)
+            if not self.window_open:  # outside a GlobalBatchBalance window every forward is its own step
+                self.window_counts.zero_()
+                self.window_probs.zero_()
+            self.window_counts += counts
+            self.window_probs[:E] += probs_TE.detach().sum(0).double()
+            self.window_probs[E] += probs_TE.shape[0]
+            f_E = self.window_counts[:E].float() / self.window_counts[E].clamp(min=1).float()
+        return E * torch.dot(f_E, probs_TE.float().mean(dim=0))
 
     @torch.no_grad()
     def apply_bias_update(self, load_E: torch.Tensor | None = None) -> None:
@@ -180,6 +235,25 @@ class Router(nn.Module):
             f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, score={self.score!r}, "
             f"balancer={self.balancer}, z_loss={self.z_loss}, renormalize={self.renormalize}"
         )
+
+
+class _GroupRef:
+    """Holds a process group; deep copies of the router share it (groups cannot be copied)."""
+
+    __slots__ = ("group",)
+
+    def __init__(self, group):
+        self.group = group
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def _all_reduce_sum(t: torch.Tensor, group) -> None:
+    """Sum ``t`` over ``group`` in place; a no-op for ``group=None`` or without torch.distributed."""
+    dist = torch.distributed
+    if group is not None and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
 
 
 def _assign(scores_TE: torch.Tensor, top_k: int, solver: str) -> torch.Tensor:
@@ -212,7 +286,8 @@ def update_biases(model: nn.Module, group=None) -> int:
 
     Call after ``optimizer.step()`` with ``LossFree(update="manual")``. When
     ``torch.distributed`` is initialised, the int64 load counts are all-reduced over
-    ``group`` first (summed exactly), so every rank computes a bit-identical bias.
+    ``group`` first (summed exactly), so every rank computes a bit-identical bias;
+    ``group=None`` means each router's ``balance_group`` when set, else the default group.
     Returns the number of routers updated.
     """
     routers = [m for m in model.modules() if isinstance(m, Router) and isinstance(m.balancer, LossFree)]
@@ -220,6 +295,7 @@ def update_biases(model: nn.Module, group=None) -> int:
     distributed = dist.is_available() and dist.is_initialized()
     for router in routers:
         if distributed:
-            dist.all_reduce(router.load_counts, op=dist.ReduceOp.SUM, group=group)
+            reduce_over = group if group is not None else router.balance_group
+            dist.all_reduce(router.load_counts, op=dist.ReduceOp.SUM, group=reduce_over)
         router.apply_bias_update()
     return len(routers)
