@@ -1,5 +1,5 @@
 """moebal: Mixture-of-Experts routing and load balancing for PyTorch."""
-from moebal import functional, stats, testing
+from moebal import functional, parallel, stats, testing
 from moebal.layer import MoE
 from moebal.plan import DispatchPlan
 from moebal.router import AuxLoss, LinearAssignment, LossFree, Router, Routing, update_biases
@@ -18,6 +18,7 @@ __all__ = [
     "BalanceStats",
     "DispatchPlan",
     "functional",
+    "parallel",
     "stats",
     "testing",
 ]

@@ -1,0 +1,32 @@
+"""moebal.parallel: scale-out on ``torch.distributed`` (NCCL or gloo).
+
+- Expert parallelism: :func:`expert_parallel` shards the experts of every ``moebal.MoE``
+  in a model over a process group (:class:`ExpertParallel` replaces ``moe.experts``; rows
+  travel with ``all_to_all_single``); :func:`sync_gradients` averages gradients the way
+  data parallelism does, without mixing expert shards.
+- Data-parallel balancing: :func:`set_balance_group` makes routers sum their loss-free
+  and global-batch counts over the data-parallel group (bit-identical biases on every
+  rank); :class:`GlobalBatchBalance` accumulates ``AuxLoss(variant="global_batch")`` counts
+  over the micro-batches of a step and reports the step's exact loss.
+- BASE across ranks: :class:`TokenShuffle` runs a layer on tokens shuffled across ranks
+  by a seeded permutation and restores their order exactly.
+- :func:`all_to_all` (differentiable, uneven splits) and :func:`check_same_config` are
+  the building blocks.
+"""
+from moebal.parallel.balance import GlobalBatchBalance, set_balance_group
+from moebal.parallel.collectives import all_to_all, check_same_config
+from moebal.parallel.expert_parallel import ExpertParallel, expert_parallel, sync_gradients
+from moebal.parallel.shuffle import TokenShuffle, TokenShufflePlan, shuffle_permutation
+
+__all__ = [
+    "ExpertParallel",
+    "expert_parallel",
+    "sync_gradients",
+    "set_balance_group",
+    "GlobalBatchBalance",
+    "TokenShuffle",
+    "TokenShufflePlan",
+    "shuffle_permutation",
+    "all_to_all",
+    "check_same_config",
+]
