@@ -87,12 +87,13 @@ def _ep_equals_single_process(rank, world, **moe_kwargs):
 
 
 def check_ep_dropless(rank, world):
-    _ep_equals_single_process(rank, world, router="aux_loss", num_shared_experts=1)
+    _ep_equals_single_process(rank, world, router="aux_loss", num_shared_experts=1, shared_gate=True)
 
 
 def check_ep_capacity(rank, world):
     # factor 1.0 with top-2 over 8 experts: some experts overflow and drop pairs
-    _ep_equals_single_process(rank, world, router="aux_loss", capacity_factor=1.0)
+    # (and expert biases, sliced with the weights)
+    _ep_equals_single_process(rank, world, router="aux_loss", capacity_factor=1.0, ffn_bias=True)
 
 
 def check_loss_free_biases_bit_identical(rank, world):
@@ -313,3 +314,35 @@ def test_distributed(world_results, check):
         elif results[rank][check] is not None:
             failures.append(f"rank {rank}:\n{results[rank][check]}")
     assert not failures, f"{check} with {world} ranks:\n" + "\n".join(failures)
+
+
+# --------------------------------------------------------------------------- one process, no group
+
+
+def test_parallel_api_needs_an_initialised_process_group():
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        expert_parallel(moebal.MoE(D, F, E, K))
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        set_balance_group(Router(D, E, K))
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        TokenShuffle(moebal.MoE(D, F, E, K))
+
+
+def test_global_batch_aux_loss_without_a_group():
+    """No group: outside a window it is the batch loss; a window over G micro-batches
+    reports the loss of their concatenation and uses the running fraction."""
+    torch.manual_seed(12)
+    router = Router(D, E, K, balancer=AuxLoss(alpha=1.0, variant="global_batch"))
+    batch = Router(D, E, K, balancer=AuxLoss(alpha=1.0, variant="batch"))
+    batch.load_state_dict(router.state_dict())
+    micro = _batches(3, 10, seed=13)
+    torch.testing.assert_close(router(micro[0]).aux_loss, batch(micro[0]).aux_loss)
+    with GlobalBatchBalance(router) as window:
+        losses = [router(x).aux_loss for x in micro]
+    torch.testing.assert_close(window.loss, batch(torch.cat(micro)).aux_loss.detach())
+    torch.testing.assert_close(losses[0], batch(micro[0]).aux_loss)  # fhat(1) = micro-batch 1's f
+    assert torch.equal(window.loads[0], moebal.stats.expert_load(router(torch.cat(micro)).indices, E))
+    with pytest.raises(ValueError, match="global_batch"):
+        GlobalBatchBalance(batch)

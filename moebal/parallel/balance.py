@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moebal.router import AuxLoss, LossFree, Router
-from moebal.parallel.collectives import check_same_config, require_initialized
+from moebal.parallel.collectives import check_same_config, digest, require_initialized
 
 __all__ = ["set_balance_group", "GlobalBatchBalance"]
 
@@ -53,7 +53,7 @@ def set_balance_group(model: nn.Module, group=None) -> int:
     for name, r in routers:
         config[f"{name or '<root>'}"] = (r.num_experts, r.top_k, r.score, repr(r.balancer))
         if isinstance(r.balancer, LossFree):
-            config[f"{name or '<root>'}.expert_bias"] = tuple(r.expert_bias.tolist())
+            config[f"{name or '<root>'}.expert_bias"] = digest([r.expert_bias])
     check_same_config(config, group, "set_balance_group: the routers")
     for _, r in routers:
         r.balance_group = group

@@ -10,12 +10,15 @@ Shape legend: R rows, D model dim.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+import hashlib
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_to_all", "check_same_config", "group_size", "group_rank", "require_initialized", "GroupHandle"]
+__all__ = [
+    "all_to_all", "check_same_config", "digest", "group_size", "group_rank", "require_initialized", "GroupHandle",
+]
 
 
 def require_initialized(what: str) -> None:
@@ -87,6 +90,17 @@ def all_to_all(x_RD: torch.Tensor, out_splits: Sequence[int], in_splits: Sequenc
     if x_RD.shape[0] != sum(in_splits):
         raise ValueError(f"x has {x_RD.shape[0]} rows but in_splits sum to {sum(in_splits)}")
     return _AllToAll.apply(x_RD, out_splits, in_splits, group)
+
+
+@torch.no_grad()
+def digest(tensors: Iterable[torch.Tensor]) -> str:
+    """A hash of the tensors' bytes (and shapes, dtypes): equal on two ranks iff the values are."""
+    h = hashlib.sha1()
+    for t in tensors:
+        t = t.detach()
+        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def check_same_config(config: Any, group=None, what: str = "configuration") -> None:

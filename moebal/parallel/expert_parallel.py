@@ -28,6 +28,7 @@ from moebal.parallel.collectives import (
     GroupHandle,
     all_to_all,
     check_same_config,
+    digest,
     group_rank,
     group_size,
     require_initialized,
@@ -127,12 +128,6 @@ def _moe_layers(model: nn.Module):
     return [(name or "<root>", m) for name, m in model.named_modules() if isinstance(m, MoE)]
 
 
-@torch.no_grad()
-def _checksum(tensors) -> float:
-    """A cheap fingerprint of tensor values (equal values give equal sums on every rank)."""
-    return float(sum((t.detach().double().abs().sum() + t.detach().double().sum()).item() for t in tensors))
-
-
 def _layer_config(name: str, moe) -> dict:
     router = moe.router
     replicated = [p for n, p in moe.named_parameters() if not n.startswith("experts.")]
@@ -143,7 +138,7 @@ def _layer_config(name: str, moe) -> dict:
         f"{name}.router": (type(router).__name__, router.score, repr(router.balancer), router.renormalize,
                            router.scale, router.z_loss),
         f"{name}.dtype": str(moe.experts.w_in_EDH.dtype),
-        f"{name}.replicated_weights": _checksum(replicated),
+        f"{name}.replicated_weights": digest(replicated),
     }
 
 

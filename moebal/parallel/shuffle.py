@@ -54,13 +54,17 @@ class TokenShufflePlan:
 
     @classmethod
     def build(cls, num_tokens: int, seed: int, step: int, group=None, device=None) -> "TokenShufflePlan":
-        """Collective: all ranks of ``group`` call it with their own token count (may differ)."""
+        """Collective: all ranks of ``group`` call it with their own token count (may differ).
+
+        The index tensors are built on the CPU (one all_gather of the counts, on ``device``)
+        and moved to ``device``.
+        """
         require_initialized("TokenShufflePlan.build")
         W, rank = group_size(group), group_rank(group)
-        mine = torch.tensor([num_tokens], dtype=torch.int64)
+        mine = torch.tensor([num_tokens], dtype=torch.int64, device=device)  # NCCL gathers device tensors
         gathered = [torch.zeros_like(mine) for _ in range(W)]
         dist.all_gather(gathered, mine, group=group)
-        sizes_W = torch.cat(gathered)
+        sizes_W = torch.cat(gathered).cpu()
         ends_W = torch.cumsum(sizes_W, 0)
         lo, hi = int(ends_W[rank] - sizes_W[rank]), int(ends_W[rank])
         perm_N = shuffle_permutation(int(ends_W[-1]), seed, step)
