@@ -193,6 +193,7 @@ def zero_padding_rows(out_RD: torch.Tensor, pair_of_row_R: torch.Tensor, *, bloc
     Args:
         out_RD: ``[R, D]`` float tensor with unit column stride, written in place.
         pair_of_row_R: int64 ``[R]`` pair of each row, -1 = padding.
+        block_rows: rows per program; block_d: columns per chunk (powers of two).
     """
     check_launchable(_zero_padding_rows_kernel, out_RD, pair_of_row_R)
     R, D = out_RD.shape

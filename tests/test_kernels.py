@@ -16,8 +16,11 @@ nearest even, so there they may differ by one bf16 ulp.
 from __future__ import annotations
 
 import importlib
+import json
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -398,7 +401,7 @@ def test_mixed_dtypes_bf16_rows_fp32_weights():
     assert torch.allclose(outs["triton"][2], outs["torch"][2], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("block_rows,block_d", [(2, 16), (4, 32), (8, 128)])
+@pytest.mark.parametrize("block_rows,block_d", [(4, 16), (8, 32), (16, 128)])
 def test_launchers_any_tile(block_rows, block_d):
     # tiles narrower than D (several column chunks, ragged last one) and ragged row blocks
     _, plan, x, w = _case(37, 3, 7, 4, 97, {}, torch.float32, seed=4)
@@ -443,6 +446,22 @@ def test_empty_inputs():
     y = combine_rows(xs, plan, torch.zeros(0, 2, device=DEVICE), "triton")
     y.sum().backward()
     assert xs.shape == (0, 8) and y.shape == (0, 8) and x.grad.shape == (0, 8)
+
+
+def test_gpu_check_script_smoke(tmp_path):
+    # the GPU check script at least runs: tiny shapes, kernels only, in its own process
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "smoke.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, str(root / "benchmarks" / "gpu_check.py"), "--smoke", "--skip-layer",
+           "--shapes", "tiny_top4_primeE", "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    kernels = json.loads(out.read_text())["shapes"]["tiny_top4_primeE"]["kernels"]
+    assert "error" not in kernels, kernels.get("error")
+    for mode in ("dropless", "capacity"):
+        assert kernels[mode]["plan_equal_to_build_plan"] and kernels[mode]["plan_deterministic"]
+        assert kernels[mode]["dispatch_fwd"]["bit_equal_to_twin"]
 
 
 # --------------------------------------------------------------------------- GPU only

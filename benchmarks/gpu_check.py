@@ -1,0 +1,452 @@
+"""GPU check: moebal's Triton kernels against their torch twins at real sizes, their
+bandwidth, and the MoE layer against plain-torch baselines. Writes one JSON file.
+
+    python benchmarks/gpu_check.py --out results.json          # one H100/H200, < 5 min
+    python benchmarks/gpu_check.py --smoke --out smoke.json    # CPU, tiny shapes, interpreter
+
+Shape legend: T tokens, D model dim, F expert hidden, E experts, K top-k, R rows of xs.
+
+Per shape (bf16, T = 16384; Mixtral, Qwen3-30B-A3B, DeepSeek-V2-Lite):
+- plan: ``triton_build_plan`` equal to ``build_plan`` (every field, twice), and both timed;
+- dispatch / combine, forward and backward: Triton vs the torch twin (bit equality where
+  the op is a copy, else max error of each against a float64 reference) and timings;
+  achieved bandwidth against the minimum bytes ``T*D*b*(1+K) + 8*T*K`` (dropless) and
+  against a device-to-device copy measured in the same run;
+- layer fwd+bwd: ``moebal.MoE`` (Triton and torch backends) vs (a) a torchtitan-style
+  plain-torch MoE written here (stable argsort, ``x[idx]``, three grouped_mm,
+  ``scatter_add``) and (b) the dense-equivalent SwiGLU FFN with hidden K*F.
+Every section records its own error instead of stopping the run; the JSON is rewritten
+after each shape so a run cut short still leaves results.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+SHAPES = {  # name: (D, F, E, K)
+    "mixtral_8x7b": (4096, 14336, 8, 2),
+    "qwen3_30b_a3b": (2048, 768, 128, 8),
+    "deepseek_v2_lite": (2048, 1408, 64, 6),
+}
+SMOKE_SHAPES = {"tiny_top2": (32, 48, 4, 2), "tiny_top4_primeE": (48, 40, 7, 4)}
+CAPACITY_FACTOR = 1.25
+
+
+# --------------------------------------------------------------------------- timing
+
+
+class Bench:
+    """Median milliseconds of ``fn()``: triton.testing.do_bench on CUDA, a wall clock on CPU."""
+
+    def __init__(self, device: torch.device, rep_ms: int):
+        self.device, self.rep_ms = device, rep_ms
+
+    def __call__(self, fn) -> float:
+        if self.device.type == "cuda":
+            import triton.testing
+
+            return float(triton.testing.do_bench(fn, warmup=max(10, self.rep_ms // 4), rep=self.rep_ms, return_mode="median"))
+        fn()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+
+def _section(results: dict, key: str, fn, *args):
+    """Run one part, store its dict (or its error) under ``results[key]``."""
+    t0 = time.perf_counter()
+    try:
+        results[key] = fn(*args)
+    except Exception as err:  # recorded in the JSON, the run goes on
+        results[key] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=8)}
+    if isinstance(results[key], dict):
+        results[key]["section_s"] = round(time.perf_counter() - t0, 2)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _gbps(nbytes: float, ms: float) -> float:
+    return nbytes / (ms * 1e-3) / 1e9
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def environment(device: torch.device) -> dict:
+    import triton
+
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "device": str(device),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(
+            device_name=props.name,
+            capability=f"{props.major}.{props.minor}",
+            memory_GiB=round(props.total_memory / 2**30, 1),
+            sm_count=props.multi_processor_count,
+        )
+    else:
+        env["device_name"] = platform.processor() or platform.machine()
+    try:
+        import moebal
+
+        env["moebal"] = getattr(moebal, "__version__", "unknown")
+    except Exception as err:
+        env["moebal"] = f"import failed: {err}"
+    try:
+        env["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+        ).stdout.strip() or None
+    except Exception:
+        env["git_commit"] = None
+    return env
+
+
+def copy_bandwidth(device: torch.device, bench: Bench, smoke: bool) -> dict:
+    nbytes = (1 << 20) if smoke else (1 << 30)
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    return {"bytes_moved": 2 * nbytes, "ms": ms, "GBps": _gbps(2 * nbytes, ms)}
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+def _routing(T: int, E: int, K: int, device: torch.device, seed: int = 0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    # a mildly skewed router so some experts overflow the capacity
+    logits = torch.randn(T, E, device=device, generator=g) + torch.linspace(0.5, 0, E, device=device)
+    probs = logits.softmax(-1)
+    w, idx = probs.topk(K, dim=-1)
+    return idx, (w / w.sum(-1, keepdim=True)).float()
+
+
+def _max_err(a: torch.Tensor, ref64: torch.Tensor) -> float:
+    return float((a.double() - ref64).abs().max()) if a.numel() else 0.0
+
+
+def _ref_gather_sum(src_RD: torch.Tensor, rows_TK: torch.Tensor, w_TK: torch.Tensor | None, chunk: int = 2048):
+    """float64 ``sum_k w[t,k] * src[row(t,k)]`` (row -1 adds 0), in token chunks."""
+    T = rows_TK.shape[0]
+    out = torch.empty(T, src_RD.shape[1], dtype=torch.float64, device=src_RD.device)
+    for t0 in range(0, T, chunk):
+        rows = rows_TK[t0:t0 + chunk]
+        g = src_RD[rows.clamp(min=0)].double() * (rows >= 0).unsqueeze(-1)
+        if w_TK is not None:
+            g = g * w_TK[t0:t0 + chunk].double().unsqueeze(-1)
+        out[t0:t0 + chunk] = g.sum(1)
+    return out
+
+
+def kernels_for_shape(T: int, D: int, E: int, K: int, device: torch.device, bench: Bench, copy_GBps: float) -> dict:
+    from moebal.dispatch import _combine_bwd, _TorchCombine, _TorchDispatch
+    from moebal.plan import build_plan
+    from moebal.triton_ops import _kernels as kern
+    from moebal.triton_ops import triton_build_plan
+
+    fields = ("counts_E", "kept_E", "starts_E", "group_ends_E", "row_of_pair_TK", "pair_of_row_R", "token_of_row_R")
+    idx, w = _routing(T, E, K, device)
+    x = torch.randn(T, D, device=device, dtype=torch.bfloat16)
+    b = x.element_size()
+    out = {}
+    for label, cap in (("dropless", None), ("capacity", max(1, math.ceil(CAPACITY_FACTOR * T * K / E)))):
+        res = out[label] = {"capacity": cap}
+        # plan
+        p_ref = build_plan(idx, E, cap)
+        p1, p2 = triton_build_plan(idx, E, cap), triton_build_plan(idx, E, cap)
+        res["plan_equal_to_build_plan"] = all(torch.equal(getattr(p1, f), getattr(p_ref, f)) for f in fields)
+        res["plan_deterministic"] = all(torch.equal(getattr(p1, f), getattr(p2, f)) for f in fields)
+        res["plan_ms"] = {"triton": bench(lambda: triton_build_plan(idx, E, cap)), "torch": bench(lambda: build_plan(idx, E, cap))}
+        plan = p_ref
+        R, kept = plan.num_rows, int(plan.kept_E.sum())
+        res["rows"], res["kept_pairs"] = R, kept
+        idx_bytes = 8 * T * K
+
+        # dispatch forward: a copy, must be bit-equal
+        xs_t = kern.dispatch_rows(x, plan.token_of_row_R)
+        xs_ref = _TorchDispatch.apply(x, plan)
+        ms_t = bench(lambda: kern.dispatch_rows(x, plan.token_of_row_R))
+        ms_r = bench(lambda: _TorchDispatch.apply(x, plan))
+        nbytes = T * D * b + R * D * b + idx_bytes  # dropless: T*D*b*(1+K) + 8*T*K
+        res["dispatch_fwd"] = {
+            "bit_equal_to_twin": bool(torch.equal(xs_t, xs_ref)),
+            "ms": {"triton": ms_t, "torch": ms_r}, "speedup_vs_torch": ms_r / ms_t,
+            "min_bytes": nbytes, "GBps": _gbps(nbytes, ms_t), "fraction_of_copy": _gbps(nbytes, ms_t) / copy_GBps,
+        }
+        del xs_t
+
+        # dispatch backward: gather-sum over K
+        g_xs = torch.randn(R, D, device=device, dtype=torch.bfloat16)
+        ref = _ref_gather_sum(g_xs, plan.row_of_pair_TK, None)
+        gx_t = kern.dispatch_rows_backward(g_xs, plan.row_of_pair_TK)
+        xl = x.detach().requires_grad_(True)
+        xs_l = _TorchDispatch.apply(xl, plan)
+        gx_r = torch.autograd.grad(xs_l, xl, g_xs)[0]
+        ms_t = bench(lambda: kern.dispatch_rows_backward(g_xs, plan.row_of_pair_TK))
+        ms_r = bench(lambda: torch.autograd.grad(_TorchDispatch.apply(xl, plan), xl, g_xs)[0])
+        nbytes = kept * D * b + T * D * b + idx_bytes
+        res["dispatch_bwd"] = {
+            "max_err_vs_fp64": {"triton": _max_err(gx_t, ref), "torch": _max_err(gx_r, ref)},
+            "ms": {"triton": ms_t, "torch_incl_fwd": ms_r},
+            "min_bytes": nbytes, "GBps": _gbps(nbytes, ms_t), "fraction_of_copy": _gbps(nbytes, ms_t) / copy_GBps,
+        }
+        del g_xs, gx_t, gx_r, xs_l, ref
+
+        # combine forward
+        ys = torch.randn(R, D, device=device, dtype=torch.bfloat16)
+        ref = _ref_gather_sum(ys, plan.row_of_pair_TK, w)
+        y_t = kern.combine_rows(ys, plan.row_of_pair_TK, w)
+        y_r = _TorchCombine.apply(ys, w, plan)
+        ms_t = bench(lambda: kern.combine_rows(ys, plan.row_of_pair_TK, w))
+        ms_r = bench(lambda: _TorchCombine.apply(ys, w, plan))
+        nbytes = kept * D * b + T * D * b + idx_bytes  # dropless: T*D*b*(1+K) + 8*T*K
+        res["combine_fwd"] = {
+            "max_err_vs_fp64": {"triton": _max_err(y_t, ref), "torch": _max_err(y_r, ref)},
+            "ms": {"triton": ms_t, "torch": ms_r}, "speedup_vs_torch": ms_r / ms_t,
+            "min_bytes": nbytes, "GBps": _gbps(nbytes, ms_t), "fraction_of_copy": _gbps(nbytes, ms_t) / copy_GBps,
+        }
+        del y_t, y_r, ref
+
+        # combine backward: grad_ys and grad_w in one pass
+        dy = torch.randn(T, D, device=device, dtype=torch.bfloat16)
+        pad = plan.pair_of_row_R if plan.has_drops else None
+        gys_t, gw_t = kern.combine_rows_backward(dy, ys, plan.row_of_pair_TK, w, pad)
+        gys_r, gw_r = _combine_bwd(dy, ys, w, plan)
+        gw_ref = torch.stack([_ref_gather_sum(ys, plan.row_of_pair_TK[:, k:k + 1], None).mul_(dy.double()).sum(-1) for k in range(K)], 1)
+        ms_t = bench(lambda: kern.combine_rows_backward(dy, ys, plan.row_of_pair_TK, w, pad))
+        ms_r = bench(lambda: _combine_bwd(dy, ys, w, plan))
+        nbytes = T * D * b + kept * D * b + R * D * b + idx_bytes + 4 * T * K
+        res["combine_bwd"] = {
+            "grad_ys_bit_equal_to_twin": bool(torch.equal(gys_t, gys_r)),
+            "grad_w_max_err_vs_fp64": {"triton": _max_err(gw_t, gw_ref), "torch": _max_err(gw_r, gw_ref)},
+            "ms": {"triton": ms_t, "torch": ms_r}, "speedup_vs_torch": ms_r / ms_t,
+            "min_bytes": nbytes, "GBps": _gbps(nbytes, ms_t), "fraction_of_copy": _gbps(nbytes, ms_t) / copy_GBps,
+        }
+        del dy, gys_t, gw_t, gys_r, gw_r, ys, xs_ref
+    out["min_bytes_formula"] = {
+        "dispatch_fwd": "T*D*b + R*D*b + 8*T*K  (= T*D*b*(1+K) + 8*T*K dropless)",
+        "dispatch_bwd": "kept*D*b + T*D*b + 8*T*K",
+        "combine_fwd": "kept*D*b + T*D*b + 8*T*K  (= T*D*b*(1+K) + 8*T*K dropless)",
+        "combine_bwd": "T*D*b + kept*D*b + R*D*b + 8*T*K + 4*T*K",
+    }
+    return out
+
+
+def int64_offsets_check(device: torch.device) -> dict:
+    """row * D beyond 2**31 elements: wrong unless addresses are computed in int64."""
+    from moebal.triton_ops import triton_build_plan, triton_combine, triton_dispatch
+
+    T, K, E, D = 65536, 4, 8, 8192
+    idx, _ = _routing(T, E, K, device)
+    x = torch.randn(T, D, device=device, dtype=torch.bfloat16)
+    plan = triton_build_plan(idx, E)
+    xs = triton_dispatch(x, plan)
+    rows_last = plan.row_of_pair_TK[-1]
+    ok_dispatch = bool(torch.equal(xs[rows_last], x[-1].expand(K, D)))
+    y = triton_combine(xs, plan, torch.full((T, K), 1.0 / K, device=device))
+    ok_combine = bool(torch.equal(y[-4:], x[-4:]))
+    return {"rows_times_D": plan.num_rows * D, "dispatch_ok": ok_dispatch, "combine_ok": ok_combine}
+
+
+# --------------------------------------------------------------------------- layer
+
+
+def _grouped_mm():
+    import torch.nn.functional as F
+
+    return getattr(F, "grouped_mm", None) or torch._grouped_mm
+
+
+class TitanStyleMoE(torch.nn.Module):
+    """Plain-torch MoE in the style of torchtitan: softmax top-k router, stable argsort of
+    the expert ids, ``x[idx]`` gather, three grouped GEMMs (gate, up, down), weights
+    applied to the expert outputs, ``scatter_add`` back to tokens."""
+
+    def __init__(self, D: int, F_: int, E: int, K: int):
+        super().__init__()
+        self.E, self.K = E, K
+        self.router = torch.nn.Linear(D, E, bias=False)
+        self.w_gate_EDF = torch.nn.Parameter(torch.randn(E, D, F_) / math.sqrt(D))
+        self.w_up_EDF = torch.nn.Parameter(torch.randn(E, D, F_) / math.sqrt(D))
+        self.w_down_EFD = torch.nn.Parameter(torch.randn(E, F_, D) / math.sqrt(F_))
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        gmm = _grouped_mm()
+        probs_TE = self.router(x_TD).float().softmax(-1)
+        w_TK, idx_TK = probs_TE.topk(self.K, dim=-1)
+        w_TK = w_TK / w_TK.sum(-1, keepdim=True)
+        expert_N = idx_TK.reshape(-1)
+        order_N = torch.argsort(expert_N, stable=True)
+        token_N = order_N // self.K
+        offs_E = torch.cumsum(torch.bincount(expert_N, minlength=self.E), 0).to(torch.int32)
+        xs_ND = x_TD[token_N]
+        h_NF = torch.nn.functional.silu(gmm(xs_ND, self.w_gate_EDF, offs=offs_E)) * gmm(xs_ND, self.w_up_EDF, offs=offs_E)
+        ys_ND = gmm(h_NF, self.w_down_EFD, offs=offs_E)
+        ys_ND = (ys_ND.float() * w_TK.reshape(-1)[order_N].unsqueeze(-1)).to(x_TD.dtype)
+        return torch.zeros_like(x_TD).scatter_add_(0, token_N.unsqueeze(-1).expand(-1, x_TD.shape[1]), ys_ND)
+
+
+class DenseSwiGLU(torch.nn.Module):
+    """The dense-equivalent FFN: SwiGLU with hidden K*F (the FLOPs of the routed experts)."""
+
+    def __init__(self, D: int, hidden: int):
+        super().__init__()
+        self.w_in = torch.nn.Linear(D, 2 * hidden, bias=False)
+        self.w_out = torch.nn.Linear(hidden, D, bias=False)
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w_in(x_TD).chunk(2, dim=-1)
+        return self.w_out(torch.nn.functional.silu(gate) * up)
+
+
+def _time_layer(make, x: torch.Tensor, dy: torch.Tensor, bench: Bench, device: torch.device) -> dict:
+    module = make().to(device=device, dtype=x.dtype)
+    xl = x.detach().requires_grad_(True)
+
+    def fwd_bwd():
+        module.zero_grad(set_to_none=True)
+        xl.grad = None
+        module(xl).backward(dy)
+
+    def fwd():
+        with torch.no_grad():
+            module(xl)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    res = {"fwd_bwd_ms": bench(fwd_bwd), "fwd_ms": bench(fwd)}
+    if device.type == "cuda":
+        res["peak_mem_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+    res["tokens_per_s_fwd_bwd"] = x.shape[0] / (res["fwd_bwd_ms"] * 1e-3)
+    del module
+    return res
+
+
+def layer_for_shape(T: int, D: int, F_: int, E: int, K: int, device: torch.device, bench: Bench) -> dict:
+    x = torch.randn(T, D, device=device, dtype=torch.bfloat16)
+    dy = torch.randn(T, D, device=device, dtype=torch.bfloat16)
+    res: dict = {}
+
+    def moebal_layer(backend):
+        import moebal
+
+        return lambda: moebal.MoE(D, F_, E, K, router="aux_loss", capacity_factor=None, num_shared_experts=0,
+                                  activation="swiglu", backend=backend)
+
+    variants = {
+        "moebal_triton": moebal_layer("triton"),
+        "moebal_torch": moebal_layer("torch"),
+        "titan_style_torch": lambda: TitanStyleMoE(D, F_, E, K),
+        "dense_equivalent": lambda: DenseSwiGLU(D, K * F_),
+    }
+    for name, make in variants.items():
+        _section(res, name, _time_layer, make, x, dy, bench, device)
+    _section(res, "moebal_backends_agree", _layer_backends_agree, T, D, F_, E, K, device)
+    ratios = {}
+    for name in ("moebal_triton", "moebal_torch", "titan_style_torch"):
+        for base in ("dense_equivalent", "titan_style_torch"):
+            a, b_ = res.get(name, {}).get("fwd_bwd_ms"), res.get(base, {}).get("fwd_bwd_ms")
+            if a and b_ and name != base:
+                ratios[f"{name}/{base}"] = a / b_
+    res["fwd_bwd_time_ratios"] = ratios
+    return res
+
+
+def _layer_backends_agree(T, D, F_, E, K, device) -> dict:
+    import moebal
+
+    torch.manual_seed(0)
+    moe = moebal.MoE(D, F_, E, K, backend="triton").to(device=device, dtype=torch.bfloat16)
+    x = torch.randn(min(T, 4096), D, device=device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y_t = moe(x)
+        moe.backend = "torch"
+        y_r = moe(x)
+    return {"max_abs_diff": float((y_t.float() - y_r.float()).abs().max()), "max_abs_y": float(y_r.float().abs().max())}
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="gpu_check.json", help="JSON file to write")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes; on a machine without CUDA runs the kernels in the Triton interpreter")
+    ap.add_argument("--tokens", type=int, default=None, help="T (default 16384, smoke 64)")
+    ap.add_argument("--shapes", default=None, help="comma-separated subset of: " + ", ".join(SHAPES))
+    ap.add_argument("--skip-layer", action="store_true", help="kernels only")
+    args = ap.parse_args(argv)
+
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        if not args.smoke:
+            ap.error("no CUDA device: run with --smoke (Triton interpreter, tiny shapes)")
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+    if importlib.util.find_spec("moebal") is None:  # a source checkout used without installing
+        sys.path.insert(0, str(REPO))
+
+    device = torch.device("cuda" if cuda else "cpu")
+    shapes = SMOKE_SHAPES if args.smoke else SHAPES
+    if args.shapes:
+        shapes = {k: shapes[k] for k in args.shapes.split(",")}
+    T = args.tokens or (64 if args.smoke else 16384)
+    bench = Bench(device, rep_ms=20 if args.smoke else 100)
+    t_start = time.perf_counter()
+    results: dict = {"mode": "smoke" if args.smoke else "full", "tokens": T, "dtype": "bfloat16"}
+    out_path = Path(args.out)
+
+    def save():
+        results["wall_s"] = round(time.perf_counter() - t_start, 1)
+        out_path.write_text(json.dumps(results, indent=2, default=str))
+
+    if not cuda:
+        results["note"] = (
+            "Triton interpreter: its fp32->bf16 casts truncate instead of rounding to nearest even, "
+            "so bf16 results may sit one ulp from the twin; timings are the interpreter's, not a GPU's"
+        )
+    _section(results, "env", environment, device)
+    _section(results, "copy", copy_bandwidth, device, bench, args.smoke)
+    copy_GBps = results["copy"].get("GBps") or float("nan")
+    if cuda and not args.smoke:
+        _section(results, "int64_offsets", int64_offsets_check, device)
+    save()
+    results["shapes"] = {}
+    for name, (D, F_, E, K) in shapes.items():
+        entry = results["shapes"][name] = {"D": D, "F": F_, "E": E, "K": K, "T": T}
+        _section(entry, "kernels", kernels_for_shape, T, D, E, K, device, bench, copy_GBps)
+        save()
+        if not args.skip_layer:
+            _section(entry, "layer", layer_for_shape, T, D, F_, E, K, device, bench)
+            save()
+        print(f"[{time.perf_counter() - t_start:6.1f}s] {name} done", flush=True)
+    save()
+    print(f"wrote {out_path} in {results['wall_s']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
