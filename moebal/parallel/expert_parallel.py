@@ -88,7 +88,8 @@ class ExpertParallel(GroupedExperts):
         return self._group.group
 
     def _layout(self, plan: DispatchPlan):
-        """Split sizes (host ints) and the local expert of every received row."""
+        """(recv_splits, send_splits) as host ints, the local expert of every received row,
+        and the local capacity (None when dropless)."""
         W, L, device = self.world_size, self.num_experts, plan.counts_E.device
         if plan.capacity is not None:
             C = plan.capacity
@@ -98,22 +99,22 @@ class ExpertParallel(GroupedExperts):
         send_E = plan.counts_E.contiguous()
         recv_WL = torch.empty_like(send_E)  # [W*L]: counts from rank 0's rows for my experts, then rank 1's, ...
         dist.all_to_all_single(recv_WL, send_E, group=self.group)
-        in_splits, out_splits = torch.stack([send_E.view(W, L).sum(1), recv_WL.view(W, L).sum(1)]).tolist()
-        local_M = torch.arange(L, device=device).repeat(W).repeat_interleave(recv_WL, output_size=sum(out_splits))
-        return out_splits, in_splits, local_M, None
+        send_splits, recv_splits = torch.stack([send_E.view(W, L).sum(1), recv_WL.view(W, L).sum(1)]).tolist()
+        local_M = torch.arange(L, device=device).repeat(W).repeat_interleave(recv_WL, output_size=sum(recv_splits))
+        return recv_splits, send_splits, local_M, None
 
     def forward(self, xs_RD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         if plan.num_experts != self.num_global_experts:
             raise ValueError(f"the plan routes to {plan.num_experts} experts, this layer shards {self.num_global_experts}")
-        out_splits, in_splits, local_M, local_capacity = self._layout(plan)
-        xr_MD = all_to_all(xs_RD, out_splits, in_splits, self.group)
+        recv_splits, send_splits, local_M, local_capacity = self._layout(plan)
+        xr_MD = all_to_all(xs_RD, recv_splits, send_splits, self.group)
         # received rows come grouped by source rank; regroup them by local expert (a
         # permutation: no drops, as every local expert has room for all its rows)
         local = build_plan(local_M.unsqueeze(1), self.num_experts, local_capacity)
         xl_MD = xr_MD.index_select(0, local.pair_of_row_R)
         yl_MD = super().forward(xl_MD, local)
         yr_MD = yl_MD.index_select(0, local.row_of_pair_TK.view(-1))
-        return all_to_all(yr_MD, in_splits, out_splits, self.group)
+        return all_to_all(yr_MD, send_splits, recv_splits, self.group)
 
     def extra_repr(self) -> str:
         return (
