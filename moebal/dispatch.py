@@ -8,19 +8,84 @@ deterministic; combine accumulates the weighted sum over K in fp32.
 """
 from __future__ import annotations
 
+import math
+import os
+import threading
+
 import torch
 
 from moebal.backend import resolve_backend
 from moebal.plan import DispatchPlan, build_plan
 
-__all__ = ["dispatch", "combine", "dispatch_rows", "combine_rows"]
+__all__ = ["dispatch", "combine", "dispatch_rows", "combine_rows", "empty_buffer", "clear_buffers"]
 
 
-def _gather_rows(src_RD: torch.Tensor, rows: torch.Tensor, may_skip: bool) -> torch.Tensor:
-    """``src[rows]`` with rows == -1 giving zero rows (only checked when ``may_skip``)."""
-    out = src_RD.index_select(0, rows.clamp(min=0).reshape(-1))
+class _BufferPool:
+    """Reusable CPU buffers for the large row tensors (xs, ys, their gradients, scratch).
+
+    Why: on CPU every fresh large allocation is mmap'ed and each page is faulted in on
+    first touch, which costs as much as the gather or elementwise op that fills it. The
+    pool keeps the storages and hands one out again only when nothing else (a user's
+    tensor, an autograd saved tensor, a ``.grad``) still holds it, so reuse can never
+    overwrite live data. Bounded by ``MOEBAL_CPU_POOL_MB`` (default 2048, 0 = off).
+    """
+
+    MIN_BYTES = 1 << 18  # below this, malloc reuses its own heap and the pool adds nothing
+
+    def __init__(self):
+        self._free_by_bytes: dict[int, list[torch.UntypedStorage]] = {}
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.limit_bytes = int(float(os.environ.get("MOEBAL_CPU_POOL_MB", "2048")) * (1 << 20))
+
+    def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        shape = tuple(shape)
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if nbytes < self.MIN_BYTES or self.limit_bytes <= 0:
+            return torch.empty(shape, dtype=dtype)
+        with self._lock:
+            storages = self._free_by_bytes.setdefault(nbytes, [])
+            for st in storages:
+                if torch._C._storage_Use_Count(st._cdata) == 1:  # only the pool holds it
+                    return torch.empty(0, dtype=dtype).set_(st, 0, shape)
+            out = torch.empty(shape, dtype=dtype)
+            if self._bytes + nbytes <= self.limit_bytes:
+                storages.append(out.untyped_storage())
+                self._bytes += nbytes
+            return out
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free_by_bytes.clear()
+            self._bytes = 0
+
+
+_POOL = _BufferPool()
+
+
+def empty_buffer(shape, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``torch.empty`` that reuses a pooled storage on CPU (see ``_BufferPool``); plain elsewhere."""
+    if torch.device(device).type != "cpu" or torch.compiler.is_compiling():
+        return torch.empty(shape, dtype=dtype, device=device)
+    return _POOL.empty(shape, dtype)
+
+
+def clear_buffers() -> None:
+    """Drop every pooled CPU buffer (those still in use stay alive with their users)."""
+    _POOL.clear()
+
+
+def _gather_rows(src_RD: torch.Tensor, rows: torch.Tensor, may_skip: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``src[rows]`` with rows == -1 giving zero rows (only checked when ``may_skip``).
+
+    Written into ``out`` when given, else into a pooled buffer (see ``empty_buffer``).
+    """
+    rows = rows.reshape(-1)
+    if out is None:
+        out = empty_buffer((rows.shape[0], src_RD.shape[1]), src_RD.dtype, src_RD.device)
+    torch.index_select(src_RD, 0, rows.clamp(min=0) if may_skip else rows, out=out)
     if may_skip:
-        out = out.masked_fill((rows.reshape(-1) < 0).unsqueeze(-1), 0)
+        out.masked_fill_((rows < 0).unsqueeze(-1), 0)
     return out
 
 
@@ -29,26 +94,103 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+# Token-chunked loops keep their gather scratch (chunk x K x D) cache-resident instead of
+# materialising a [T, K, D] copy of ys; about 2 MiB of scratch per chunk.
+_CHUNK_BYTES = 1 << 21
+
+
+def _token_chunk(T: int, K: int, D: int, dtype: torch.dtype) -> int:
+    itemsize = torch.empty((), dtype=_acc(dtype)).element_size()
+    return max(1, min(T, _CHUNK_BYTES // max(1, K * D * itemsize)))
+
+
+def _gather_pairs_acc(src_RD, rows_nK, pad, scratch, scratch_acc):
+    """``src[rows]`` for a chunk of tokens as ``[n, K, D]`` in the accumulation dtype."""
+    n, K = rows_nK.shape
+    g = _gather_rows(src_RD, rows_nK, pad, out=scratch[: n * K])
+    if scratch_acc is not None:
+        g = scratch_acc[: n * K].copy_(g)
+    return g.view(n, K, -1)
+
+
+def _pair_scratch(src_RD, T, K):
+    D, dtype, acc = src_RD.shape[1], src_RD.dtype, _acc(src_RD.dtype)
+    c = _token_chunk(T, K, D, dtype)
+    scratch = empty_buffer((c * K, D), dtype, src_RD.device)
+    scratch_acc = empty_buffer((c * K, D), acc, src_RD.device) if acc != dtype else None
+    return c, scratch, scratch_acc
+
+
 def _combine_fwd(ys_RD, weights_TK, plan: DispatchPlan):
     T, K = plan.row_of_pair_TK.shape
-    acc = _acc(ys_RD.dtype)
-    g_TKD = _gather_rows(ys_RD, plan.row_of_pair_TK, plan.has_drops).view(T, K, -1)
-    y_T1D = torch.bmm(weights_TK.to(acc).unsqueeze(1), g_TKD.to(acc))
-    return y_T1D.squeeze(1).to(ys_RD.dtype)
+    D, dtype, acc = ys_RD.shape[1], ys_RD.dtype, _acc(ys_RD.dtype)
+    y_TD = empty_buffer((T, D), dtype, ys_RD.device)
+    if T == 0:
+        return y_TD
+    w_TK1 = weights_TK.to(acc).unsqueeze(1)
+    c, scratch, scratch_acc = _pair_scratch(ys_RD, T, K)
+    y_acc = empty_buffer((c, D), acc, ys_RD.device) if acc != dtype else None
+    for t0 in range(0, T, c):
+        t1 = min(T, t0 + c)
+        g_nKD = _gather_pairs_acc(ys_RD, plan.row_of_pair_TK[t0:t1], plan.has_drops, scratch, scratch_acc)
+        out = y_TD[t0:t1] if y_acc is None else y_acc[: t1 - t0]
+        torch.bmm(w_TK1[t0:t1], g_nKD, out=out.unsqueeze(1))
+        if y_acc is not None:
+            y_TD[t0:t1].copy_(out)
+    return y_TD
 
 
 def _combine_bwd(grad_y_TD, ys_RD, weights_TK, plan: DispatchPlan):
     T, K = plan.row_of_pair_TK.shape
     pad = plan.has_drops
     acc = _acc(ys_RD.dtype)
-    # d ys[r] = w[pair(r)] * dy[token(r)]: a gather, each row written once
-    w_R = _gather_rows(weights_TK.reshape(-1, 1), plan.pair_of_row_R, pad).squeeze(-1)
-    dy_RD = _gather_rows(grad_y_TD, plan.token_of_row_R, pad)
-    grad_ys = (dy_RD.to(acc) * w_R.to(acc).unsqueeze(-1)).to(ys_RD.dtype)
+    # d ys[r] = w[pair(r)] * dy[token(r)]: a gather, each row written once; the in-place
+    # multiply by the fp32 weight computes in fp32 and rounds once
+    w_R1 = weights_TK.reshape(-1).to(acc)[plan.pair_of_row_R.clamp(min=0) if pad else plan.pair_of_row_R].unsqueeze(-1)
+    dtype = ys_RD.dtype
+    grad_ys = _gather_rows(grad_y_TD.to(dtype), plan.token_of_row_R, pad)
+    if acc == dtype:
+        grad_ys.mul_(w_R1)
+    else:  # by row chunks through an fp32 scratch: a mixed-dtype in-place mul is ~50x slower
+        R, D = grad_ys.shape
+        c = max(1, min(R, _CHUNK_BYTES // max(1, D * 4)))
+        scratch_acc = empty_buffer((c, D), acc, ys_RD.device)
+        for r0 in range(0, R, c):
+            r1 = min(R, r0 + c)
+            g = scratch_acc[: r1 - r0].copy_(grad_ys[r0:r1])
+            grad_ys[r0:r1].copy_(g.mul_(w_R1[r0:r1]))
+    if pad:
+        grad_ys.masked_fill_((plan.pair_of_row_R < 0).unsqueeze(-1), 0)
     # d w[t,k] = <dy[t], ys[row(t,k)]>
-    g_TKD = _gather_rows(ys_RD, plan.row_of_pair_TK, pad).view(T, K, -1)
-    grad_w = torch.bmm(g_TKD.to(acc), grad_y_TD.to(acc).unsqueeze(-1)).squeeze(-1)
-    return grad_ys, grad_w.to(weights_TK.dtype)
+    grad_w_TK = torch.empty((T, K), dtype=acc, device=ys_RD.device)
+    if T:
+        dy_TD1 = grad_y_TD.to(acc).unsqueeze(1)
+        c, scratch, scratch_acc = _pair_scratch(ys_RD, T, K)
+        for t0 in range(0, T, c):
+            t1 = min(T, t0 + c)
+            g_nKD = _gather_pairs_acc(ys_RD, plan.row_of_pair_TK[t0:t1], pad, scratch, scratch_acc)
+            # multiply + sum: a [K, D] @ [D, 1] bmm per token runs ~5x slower
+            torch.sum(g_nKD.mul_(dy_TD1[t0:t1]), dim=-1, out=grad_w_TK[t0:t1])
+    return grad_ys, grad_w_TK.to(weights_TK.dtype)
+
+
+def _dispatch_bwd(grad_xs_RD, plan: DispatchPlan):
+    """``dx[t] = sum_k dxs[row(t,k)]`` (dropped pairs add 0), summed in the accumulation dtype."""
+    T, K = plan.row_of_pair_TK.shape
+    D, dtype, acc = grad_xs_RD.shape[1], grad_xs_RD.dtype, _acc(grad_xs_RD.dtype)
+    grad_x_TD = empty_buffer((T, D), dtype, grad_xs_RD.device)
+    if T == 0:
+        return grad_x_TD
+    c, scratch, scratch_acc = _pair_scratch(grad_xs_RD, T, K)
+    sum_acc = empty_buffer((c, D), acc, grad_xs_RD.device) if acc != dtype else None
+    for t0 in range(0, T, c):
+        t1 = min(T, t0 + c)
+        g_nKD = _gather_pairs_acc(grad_xs_RD, plan.row_of_pair_TK[t0:t1], plan.has_drops, scratch, scratch_acc)
+        out = grad_x_TD[t0:t1] if sum_acc is None else sum_acc[: t1 - t0]
+        torch.sum(g_nKD, dim=1, out=out)
+        if sum_acc is not None:
+            grad_x_TD[t0:t1].copy_(out)
+    return grad_x_TD
 
 
 class _TorchDispatch(torch.autograd.Function):
@@ -59,10 +201,7 @@ class _TorchDispatch(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_xs_RD):
-        plan = ctx.plan
-        T, K = plan.row_of_pair_TK.shape
-        g_TKD = _gather_rows(grad_xs_RD.contiguous(), plan.row_of_pair_TK, plan.has_drops)
-        return g_TKD.view(T, K, -1).sum(dim=1, dtype=_acc(grad_xs_RD.dtype)).to(grad_xs_RD.dtype), None
+        return _dispatch_bwd(grad_xs_RD.contiguous(), ctx.plan), None
 
 
 class _TorchCombine(torch.autograd.Function):
@@ -70,12 +209,12 @@ class _TorchCombine(torch.autograd.Function):
     def forward(ctx, ys_RD, weights_TK, plan):
         ctx.plan = plan
         ctx.save_for_backward(ys_RD, weights_TK)
-        return _combine_fwd(ys_RD, weights_TK, plan)
+        return _combine_fwd(ys_RD.contiguous(), weights_TK, plan)
 
     @staticmethod
     def backward(ctx, grad_y_TD):
         ys_RD, weights_TK = ctx.saved_tensors
-        grad_ys, grad_w = _combine_bwd(grad_y_TD.contiguous(), ys_RD, weights_TK, ctx.plan)
+        grad_ys, grad_w = _combine_bwd(grad_y_TD.contiguous(), ys_RD.contiguous(), weights_TK, ctx.plan)
         return grad_ys, grad_w, None
 
 

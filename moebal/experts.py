@@ -16,9 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moebal.dispatch import empty_buffer
 from moebal.plan import DispatchPlan
 
-__all__ = ["GroupedExperts", "ACTIVATIONS", "activate", "grouped_matmul"]
+__all__ = ["GroupedExperts", "ACTIVATIONS", "EXPERT_PATHS", "activate", "expert_ffn", "grouped_matmul"]
+
+# "loop": per-expert GEMMs into reused buffers (CPU); "grouped": grouped_mm/bmm (GPU,
+# torch.compile); "auto": loop for CPU tensors in eager mode, grouped otherwise
+EXPERT_PATHS = ("auto", "loop", "grouped")
 
 # "gelu" is the exact erf GELU; "gelu_tanh" its tanh approximation (GPT-2's gelu_new)
 ACTIVATIONS = ("swiglu", "gelu", "gelu_tanh")
@@ -94,16 +99,197 @@ def grouped_matmul(x_RD: torch.Tensor, w_EDH: torch.Tensor, plan: DispatchPlan) 
     return torch.cat([x_RD[s:e] @ w_EDH[i] for i, (s, e) in enumerate(zip(starts, ends))], dim=0)
 
 
+# --- CPU path: per-expert ``torch.mm(..., out=)`` into reused buffers ----------------------
+#
+# On CPU the group sizes are host values at no cost, so each expert's rows are one plain
+# GEMM written straight into a slice of a pooled buffer: no first-touch page faults on
+# fresh [R, H] tensors, no padding rows computed (a capacity block runs only its kept
+# rows), and the backward forms each expert's activation gradient in a small scratch
+# that stays in cache instead of several full [R, H] temporaries.
+
+
+def _act_forward(h_nH: torch.Tensor, a_nF: torch.Tensor, activation: str) -> None:
+    """``a = silu(gate) * up`` (h = [gate | up]) or ``a = gelu(h)``, written into ``a``."""
+    if activation == "swiglu":
+        F_ = a_nF.shape[1]
+        torch.ops.aten.silu.out(h_nH[:, :F_], out=a_nF)
+        a_nF.mul_(h_nH[:, F_:])
+    else:
+        approximate = "tanh" if activation == "gelu_tanh" else "none"
+        torch.ops.aten.gelu.out(h_nH, approximate=approximate, out=a_nF)
+
+
+def _act_backward(grad_a_nF, h_nH, grad_h_nH, tmp_nF, activation: str) -> None:
+    """``grad_h = d act(h) / dh . grad_a``, written into ``grad_h``; ``tmp`` is scratch."""
+    if activation == "swiglu":
+        F_ = grad_a_nF.shape[1]
+        gate, up = h_nH[:, :F_], h_nH[:, F_:]
+        # d gate = silu'(gate) * grad_a * up;  d up = grad_a * silu(gate)
+        torch.mul(grad_a_nF, up, out=tmp_nF)
+        torch.ops.aten.silu_backward.grad_input(tmp_nF, gate, grad_input=grad_h_nH[:, :F_])
+        torch.ops.aten.silu.out(gate, out=tmp_nF)
+        torch.mul(tmp_nF, grad_a_nF, out=grad_h_nH[:, F_:])
+    else:
+        approximate = "tanh" if activation == "gelu_tanh" else "none"
+        torch.ops.aten.gelu_backward.grad_input(grad_a_nF, h_nH, approximate=approximate, grad_input=grad_h_nH)
+
+
+class _LoopExperts(torch.autograd.Function):
+    """``ys[rows e] = act(xs[rows e] @ W_in[e] + b_in[e]) @ W_out[e] + b_out[e]`` per expert.
+
+    ``bounds`` holds per expert ``(first row, rows in use, end of its block)``; rows of a
+    block past the rows in use (capacity padding) and rows past the last block come out
+    zero, with zero gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, xs_RD, w_in_EDH, w_out_EFD, b_in_EH, b_out_ED, bounds, activation):
+        R, D = xs_RD.shape
+        H, F_ = w_in_EDH.shape[2], w_out_EFD.shape[1]
+        dtype, device = xs_RD.dtype, xs_RD.device
+        h_RH = empty_buffer((R, H), dtype, device)
+        a_RF = empty_buffer((R, F_), dtype, device)
+        ys_RD = empty_buffer((R, D), dtype, device)
+        for e, (s, n, block_end) in enumerate(bounds):
+            rows = slice(s, s + n)
+            if n:
+                if b_in_EH is None:
+                    torch.mm(xs_RD[rows], w_in_EDH[e], out=h_RH[rows])
+                else:
+                    torch.addmm(b_in_EH[e], xs_RD[rows], w_in_EDH[e], out=h_RH[rows])
+                _act_forward(h_RH[rows], a_RF[rows], activation)
+                if b_out_ED is None:
+                    torch.mm(a_RF[rows], w_out_EFD[e], out=ys_RD[rows])
+                else:
+                    torch.addmm(b_out_ED[e], a_RF[rows], w_out_EFD[e], out=ys_RD[rows])
+            ys_RD[s + n:block_end].zero_()
+        ys_RD[_covered(bounds):].zero_()
+        ctx.bounds, ctx.activation = bounds, activation
+        ctx.has_b_in, ctx.has_b_out = b_in_EH is not None, b_out_ED is not None
+        ctx.save_for_backward(xs_RD, w_in_EDH, w_out_EFD, h_RH, a_RF)
+        return ys_RD
+
+    @staticmethod
+    def backward(ctx, grad_ys_RD):
+        xs_RD, w_in_EDH, w_out_EFD, h_RH, a_RF = ctx.saved_tensors
+        grad_ys_RD = grad_ys_RD.contiguous()
+        R, D = xs_RD.shape
+        E, H, F_ = w_in_EDH.shape[0], w_in_EDH.shape[2], w_out_EFD.shape[1]
+        dtype, device = xs_RD.dtype, xs_RD.device
+        need_xs, need_w_in, need_w_out, need_b_in, need_b_out = ctx.needs_input_grad[:5]
+        need_b_in, need_b_out = need_b_in and ctx.has_b_in, need_b_out and ctx.has_b_out
+        grad_xs = empty_buffer((R, D), dtype, device) if need_xs else None
+        grad_w_in = empty_buffer((E, D, H), dtype, device) if need_w_in else None
+        grad_w_out = empty_buffer((E, F_, D), dtype, device) if need_w_out else None
+        grad_b_in = torch.zeros((E, H), dtype=dtype, device=device) if need_b_in else None
+        grad_b_out = torch.zeros((E, D), dtype=dtype, device=device) if need_b_out else None
+        need_h = need_xs or need_w_in or need_b_in
+        max_n = max((n for _, n, _ in ctx.bounds), default=0)
+        if need_h:
+            grad_a_all = empty_buffer((max_n, F_), dtype, device)
+            grad_h_all = empty_buffer((max_n, H), dtype, device)
+            tmp_all = empty_buffer((max_n, F_), dtype, device) if ctx.activation == "swiglu" else None
+        for e, (s, n, block_end) in enumerate(ctx.bounds):
+            rows = slice(s, s + n)
+            if grad_xs is not None:
+                grad_xs[s + n:block_end].zero_()
+            if n == 0:  # an empty expert: its weight gradients are zero
+                for g in (grad_w_in, grad_w_out):
+                    if g is not None:
+                        g[e].zero_()
+                continue
+            g_ys = grad_ys_RD[rows]
+            if grad_w_out is not None:
+                torch.mm(a_RF[rows].t(), g_ys, out=grad_w_out[e])
+            if grad_b_out is not None:
+                torch.sum(g_ys, dim=0, out=grad_b_out[e])
+            if not need_h:
+                continue
+            grad_a = torch.mm(g_ys, w_out_EFD[e].t(), out=grad_a_all[:n])
+            grad_h = grad_h_all[:n]
+            _act_backward(grad_a, h_RH[rows], grad_h, tmp_all[:n] if tmp_all is not None else None, ctx.activation)
+            if grad_b_in is not None:
+                torch.sum(grad_h, dim=0, out=grad_b_in[e])
+            if grad_w_in is not None:
+                torch.mm(xs_RD[rows].t(), grad_h, out=grad_w_in[e])
+            if grad_xs is not None:
+                torch.mm(grad_h, w_in_EDH[e].t(), out=grad_xs[rows])
+        if grad_xs is not None:
+            grad_xs[_covered(ctx.bounds):].zero_()
+        return grad_xs, grad_w_in, grad_w_out, grad_b_in, grad_b_out, None, None
+
+
+def _covered(bounds) -> int:
+    return max((end for _, _, end in bounds), default=0)
+
+
+def _host_bounds(plan: DispatchPlan) -> list[tuple[int, int, int]]:
+    """Per expert ``(first row, rows in use, end of its block)``, read on the host."""
+    return list(zip(plan.starts_E.tolist(), plan.kept_E.tolist(), plan.group_ends_E.tolist()))
+
+
+def _grouped_ffn(xs_RD, w_in_EDH, w_out_EFD, b_in_EH, b_out_ED, plan, activation):
+    h_RH = grouped_matmul(xs_RD, w_in_EDH, plan)
+    if b_in_EH is not None:
+        h_RH = h_RH + _rows_of(b_in_EH, plan, xs_RD.shape[0])
+    y_RD = grouped_matmul(activate(h_RH, activation), w_out_EFD, plan)
+    if b_out_ED is not None:
+        y_RD = y_RD + _rows_of(b_out_ED, plan, xs_RD.shape[0])
+    return y_RD
+
+
+def expert_ffn(
+    xs_RD: torch.Tensor,
+    w_in_EDH: torch.Tensor,
+    w_out_EFD: torch.Tensor,
+    plan: DispatchPlan,
+    activation: str = "swiglu",
+    b_in_EH: torch.Tensor | None = None,
+    b_out_ED: torch.Tensor | None = None,
+    path: str = "auto",
+) -> torch.Tensor:
+    """The E expert FFNs over the plan's expert-contiguous rows: ``ys [R, D]``.
+
+    Args:
+        xs_RD: ``[R, D]`` rows in the plan's layout (the dispatch output).
+        w_in_EDH: ``[E, D, H]``, H = 2F for SwiGLU (gate then up), F otherwise.
+        w_out_EFD: ``[E, F, D]``.
+        plan: the DispatchPlan that laid out ``xs``.
+        activation: one of ``ACTIVATIONS``.
+        b_in_EH, b_out_ED: optional per-expert biases ``[E, H]``, ``[E, D]``.
+        path: one of ``EXPERT_PATHS``. ``"loop"`` reads the group sizes on the host (free
+            on CPU, a sync on GPU); ``"grouped"`` has static shapes and compiles.
+
+    Capacity padding rows are never read by ``combine``; the loop path returns them as
+    zeros and computes nothing for them.
+    """
+    if path not in EXPERT_PATHS:
+        raise ValueError(f"path must be one of {EXPERT_PATHS}, got {path!r}")
+    if path == "auto":
+        path = "loop" if xs_RD.device.type == "cpu" and not torch.compiler.is_compiling() else "grouped"
+    if path == "loop":
+        bounds = _host_bounds(plan)
+        return _LoopExperts.apply(xs_RD.contiguous(), w_in_EDH, w_out_EFD, b_in_EH, b_out_ED, bounds, activation)
+    return _grouped_ffn(xs_RD, w_in_EDH, w_out_EFD, b_in_EH, b_out_ED, plan, activation)
+
+
 class GroupedExperts(nn.Module):
     """E experts, SwiGLU (``silu(x W_gate) * (x W_up) W_out``) or GELU (``gelu(x W_in) W_out``).
 
     ``bias=True`` adds ``b_in_EH`` after the first GEMM and ``b_out_ED`` after the second.
+    ``path`` picks the GEMM strategy (see ``expert_ffn``); a plain attribute, settable.
     """
 
-    def __init__(self, d_model: int, d_ff: int, num_experts: int, activation: str = "swiglu", bias: bool = False):
+    def __init__(
+        self, d_model: int, d_ff: int, num_experts: int, activation: str = "swiglu", bias: bool = False,
+        path: str = "auto",
+    ):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if path not in EXPERT_PATHS:
+            raise ValueError(f"path must be one of {EXPERT_PATHS}, got {path!r}")
+        self.path = path
         self.d_model, self.d_ff, self.num_experts, self.activation = d_model, d_ff, num_experts, activation
         hidden = 2 * d_ff if activation == "swiglu" else d_ff
         self.w_in_EDH = nn.Parameter(torch.empty(num_experts, d_model, hidden))
@@ -125,13 +311,11 @@ class GroupedExperts(nn.Module):
 
     def forward(self, xs_RD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         dtype = xs_RD.dtype
-        h_RH = grouped_matmul(xs_RD, self.w_in_EDH.to(dtype), plan)
-        if self.b_in_EH is not None:
-            h_RH = h_RH + _rows_of(self.b_in_EH.to(dtype), plan, xs_RD.shape[0])
-        y_RD = grouped_matmul(activate(h_RH, self.activation), self.w_out_EFD.to(dtype), plan)
-        if self.b_out_ED is not None:
-            y_RD = y_RD + _rows_of(self.b_out_ED.to(dtype), plan, xs_RD.shape[0])
-        return y_RD
+        b_in = self.b_in_EH.to(dtype) if self.b_in_EH is not None else None
+        b_out = self.b_out_ED.to(dtype) if self.b_out_ED is not None else None
+        return expert_ffn(
+            xs_RD, self.w_in_EDH.to(dtype), self.w_out_EFD.to(dtype), plan, self.activation, b_in, b_out, self.path
+        )
 
     def extra_repr(self) -> str:
         return (
