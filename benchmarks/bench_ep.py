@@ -143,7 +143,8 @@ def main(argv=None):
     print(f"{'ranks':>5} {'tokens/s':>10} {'vs 1 rank':>9} {'tokens/CPU-s':>13}")
     base = results[0]["tokens_per_s"]
     for r in results:
-        print(f"{r['world']:>5} {r['tokens_per_s']:>10.0f} {r['tokens_per_s'] / base:>8.2f}x {r['tokens_per_cpu_s']:>13.0f}")
+        print(f"{r['world']:>5} {r['tokens_per_s']:>10.0f} {r['tokens_per_s'] / base:>8.2f}x "
+              f"{r['tokens_per_cpu_s']:>13.0f}")
         if "single_process_tokens_per_s" in r:
             print(f"      single-process moebal.MoE: {r['single_process_tokens_per_s']:.0f} tokens/s, "
                   f"{r['single_process_tokens_per_cpu_s']:.0f} tokens/CPU-s "

@@ -105,7 +105,9 @@ class ExpertParallel(GroupedExperts):
 
     def forward(self, xs_RD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         if plan.num_experts != self.num_global_experts:
-            raise ValueError(f"the plan routes to {plan.num_experts} experts, this layer shards {self.num_global_experts}")
+            raise ValueError(
+                f"the plan routes to {plan.num_experts} experts, this layer shards {self.num_global_experts}"
+            )
         recv_splits, send_splits, local_M, local_capacity = self._layout(plan)
         xr_MD = all_to_all(xs_RD, recv_splits, send_splits, self.group)
         # received rows come grouped by source rank; regroup them by local expert (a
