@@ -31,7 +31,7 @@ import torch
 
 __all__ = [
     "LayerConfig", "CONFIGS", "DTYPES", "MODES", "run_layer_bench", "format_table", "save_json", "plot",
-    "load_peers_module",
+    "load_peers_module", "build_impls", "make_inputs", "run_once",
 ]
 
 SCHEMA = "moebal.bench.layer/1"
@@ -118,6 +118,28 @@ def _build(cfg: LayerConfig, seed: int, peers, moebal_paths: Iterable[str]):
     return ref, mods, skipped
 
 
+def build_impls(config, dtype="fp32", peers=True, moebal_paths=("auto", "grouped"), seed: int = 0) -> dict:
+    """The implementations ``run_layer_bench`` times, in ``dtype``: {name: module x [T, D] -> y}.
+
+    ``"moebal"`` (and ``"moebal_<path>"`` for other expert paths), ``"dense"`` and the peers;
+    all MoEs share the router gate and expert weights of the seeded reference.
+    """
+    cfg = _resolve_configs([config])[0]
+    _, mods, _ = _build(cfg, seed, peers, moebal_paths)
+    dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    return {k: v.to(dt) for k, v in mods.items()}
+
+
+def make_inputs(config, dtype="fp32", seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x [T, D] requiring grad, output gradient [T, D])`` as ``run_layer_bench`` draws them."""
+    cfg = _resolve_configs([config])[0]
+    dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(cfg.tokens, cfg.d_model, generator=gen)
+    g = torch.randn(cfg.tokens, cfg.d_model, generator=gen)
+    return x.to(dt).requires_grad_(True), g.to(dt)
+
+
 def _clone(module):
     import copy
 
@@ -145,7 +167,10 @@ def _zero_grads(m, x):
     x.grad = None
 
 
-def _run_once(m, x, g, mode: str) -> float:
+def run_once(m, x, g, mode: str) -> float:
+    """One timed forward (``mode="fwd"``) or forward+backward of ``m`` on ``x``; seconds."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; known: {MODES}")
     _zero_grads(m, x)
     t0 = time.perf_counter()
     y = m(x)
@@ -160,12 +185,12 @@ def _time_round_robin(mods: dict, x, g, mode: str, repeats: int, warmup: int) ->
     names = list(mods)
     for _ in range(warmup):
         for n in names:
-            _run_once(mods[n], x, g, mode)
+            run_once(mods[n], x, g, mode)
     times = {n: [] for n in names}
     for r in range(repeats):
         for i in range(len(names)):
             n = names[(r + i) % len(names)]
-            times[n].append(_run_once(mods[n], x, g, mode))
+            times[n].append(run_once(mods[n], x, g, mode))
     for m in mods.values():
         _zero_grads(m, x)
     return times
@@ -344,9 +369,8 @@ def run_layer_bench(
             for cfg in cfgs:
                 ref32, mods32, skipped = _build(cfg, seed, peers, moebal_paths)
                 result["skipped_peers"].update(skipped)
-                gen = torch.Generator().manual_seed(seed + 1)
-                x32 = torch.randn(cfg.tokens, cfg.d_model, generator=gen)
-                g32 = torch.randn(cfg.tokens, cfg.d_model, generator=gen)
+                x32, g32 = make_inputs(cfg, "fp32", seed)
+                x32 = x32.detach()
                 errors32 = _peer_errors(ref32, mods32, x32)
                 routing = _routing_stats(ref32, x32)
                 for dname in dtypes:
