@@ -4,6 +4,8 @@ from moebal.layer import MoE
 from moebal.plan import DispatchPlan
 from moebal.router import AuxLoss, LinearAssignment, LossFree, Router, Routing, update_biases
 from moebal.stats import BalanceStats
+from moebal.hf import swap_ffn  # transformers itself is imported lazily, only when used
+from moebal.training import aux_loss, balance_report, register_bias_update_hook
 
 __version__ = "0.1.0"
 
@@ -15,6 +17,10 @@ __all__ = [
     "LossFree",
     "LinearAssignment",
     "update_biases",
+    "swap_ffn",
+    "aux_loss",
+    "balance_report",
+    "register_bias_update_hook",
     "BalanceStats",
     "DispatchPlan",
     "functional",

@@ -1,0 +1,34 @@
+"""Hugging Face transformers integration: put moebal into existing models.
+
+- :func:`swap_ffn` replaces dense FFNs with ``moebal.MoE`` layers, optionally sparse-
+  upcycled so the model's output is unchanged at initialisation.
+- :func:`convert_moe_blocks` / :func:`restore_moe_blocks` (and the per-block
+  :func:`from_hf_moe_block` / :func:`to_hf_moe_block`) turn transformers' own MoE blocks
+  (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3) into ``moebal.MoE`` and back, bit-exact
+  in the weights, raising :class:`ConversionError` on anything moebal cannot represent.
+
+transformers itself is imported lazily (only to recognise its module classes), so this
+package imports without it.
+
+Saving and loading a swapped model: rebuild the same architecture (load the dense model,
+call ``swap_ffn`` with the same arguments, ``upcycle=False`` suffices) and
+``load_state_dict`` the saved state; router biases and counters are buffers and travel
+with it. ``save_pretrained`` writes the swapped weights too, but the HF config does not
+describe the MoE layers, so ``from_pretrained`` alone cannot rebuild them.
+"""
+from moebal.hf._keys import ConversionError
+from moebal.hf._models import Replacement, SwapReport
+from moebal.hf.blocks import convert_moe_blocks, from_hf_moe_block, restore_moe_blocks, to_hf_moe_block
+from moebal.hf.swap import MoEWithDropout, swap_ffn
+
+__all__ = [
+    "swap_ffn",
+    "convert_moe_blocks",
+    "restore_moe_blocks",
+    "from_hf_moe_block",
+    "to_hf_moe_block",
+    "MoEWithDropout",
+    "SwapReport",
+    "Replacement",
+    "ConversionError",
+]
