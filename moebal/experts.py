@@ -108,30 +108,13 @@ def grouped_matmul(x_RD: torch.Tensor, w_EDH: torch.Tensor, plan: DispatchPlan) 
 # that stays in cache instead of several full [R, H] temporaries.
 
 
-def _act_forward(h_nH: torch.Tensor, a_nF: torch.Tensor, activation: str) -> None:
-    """``a = silu(gate) * up`` (h = [gate | up]) or ``a = gelu(h)``, written into ``a``."""
-    if activation == "swiglu":
-        F_ = a_nF.shape[1]
-        torch.ops.aten.silu.out(h_nH[:, :F_], out=a_nF)
-        a_nF.mul_(h_nH[:, F_:])
-    else:
-        approximate = "tanh" if activation == "gelu_tanh" else "none"
-        torch.ops.aten.gelu.out(h_nH, approximate=approximate, out=a_nF)
+def _gelu_kind(activation: str) -> str:
+    return "tanh" if activation == "gelu_tanh" else "none"
 
 
-def _act_backward(grad_a_nF, h_nH, grad_h_nH, tmp_nF, activation: str) -> None:
-    """``grad_h = d act(h) / dh . grad_a``, written into ``grad_h``; ``tmp`` is scratch."""
-    if activation == "swiglu":
-        F_ = grad_a_nF.shape[1]
-        gate, up = h_nH[:, :F_], h_nH[:, F_:]
-        # d gate = silu'(gate) * grad_a * up;  d up = grad_a * silu(gate)
-        torch.mul(grad_a_nF, up, out=tmp_nF)
-        torch.ops.aten.silu_backward.grad_input(tmp_nF, gate, grad_input=grad_h_nH[:, :F_])
-        torch.ops.aten.silu.out(gate, out=tmp_nF)
-        torch.mul(tmp_nF, grad_a_nF, out=grad_h_nH[:, F_:])
-    else:
-        approximate = "tanh" if activation == "gelu_tanh" else "none"
-        torch.ops.aten.gelu_backward.grad_input(grad_a_nF, h_nH, approximate=approximate, grad_input=grad_h_nH)
+def _split_used(buf: torch.Tensor, sizes: list[int], dim: int = 0) -> list[torch.Tensor]:
+    """Views of each expert's rows in use, from one ``split`` (cheaper than E slices)."""
+    return list(buf.split(sizes, dim=dim)[0::2])
 
 
 class _LoopExperts(torch.autograd.Function):
@@ -139,84 +122,124 @@ class _LoopExperts(torch.autograd.Function):
 
     ``bounds`` holds per expert ``(first row, rows in use, end of its block)``; rows of a
     block past the rows in use (capacity padding) and rows past the last block come out
-    zero, with zero gradient.
+    zero, with zero gradient. SwiGLU saves ``silu(gate)`` so the backward needs no exp.
     """
 
     @staticmethod
     def forward(ctx, xs_RD, w_in_EDH, w_out_EFD, b_in_EH, b_out_ED, bounds, activation):
         R, D = xs_RD.shape
-        H, F_ = w_in_EDH.shape[2], w_out_EFD.shape[1]
+        E, H, F_ = w_in_EDH.shape[0], w_in_EDH.shape[2], w_out_EFD.shape[1]
         dtype, device = xs_RD.dtype, xs_RD.device
+        swiglu = activation == "swiglu"
+        sizes = _split_sizes(bounds, R)
         h_RH = empty_buffer((R, H), dtype, device)
         a_RF = empty_buffer((R, F_), dtype, device)
+        s_RF = empty_buffer((R, F_), dtype, device) if swiglu else None  # silu(gate)
         ys_RD = empty_buffer((R, D), dtype, device)
-        for e, (s, n, block_end) in enumerate(bounds):
-            rows = slice(s, s + n)
-            if n:
-                if b_in_EH is None:
-                    torch.mm(xs_RD[rows], w_in_EDH[e], out=h_RH[rows])
-                else:
-                    torch.addmm(b_in_EH[e], xs_RD[rows], w_in_EDH[e], out=h_RH[rows])
-                _act_forward(h_RH[rows], a_RF[rows], activation)
-                if b_out_ED is None:
-                    torch.mm(a_RF[rows], w_out_EFD[e], out=ys_RD[rows])
-                else:
-                    torch.addmm(b_out_ED[e], a_RF[rows], w_out_EFD[e], out=ys_RD[rows])
-            ys_RD[s + n:block_end].zero_()
-        ys_RD[_covered(bounds):].zero_()
+        parts = [_split_used(t, sizes) for t in (xs_RD, h_RH, a_RF, ys_RD)]
+        s_parts = _split_used(s_RF, sizes) if swiglu else [None] * E
+        w_in, w_out = w_in_EDH.unbind(0), w_out_EFD.unbind(0)
+        for e, (xs, h, a, ys), s in zip(range(E), zip(*parts), s_parts):
+            if xs.shape[0] == 0:
+                continue
+            if b_in_EH is None:
+                torch.mm(xs, w_in[e], out=h)
+            else:
+                torch.addmm(b_in_EH[e], xs, w_in[e], out=h)
+            if swiglu:
+                torch.ops.aten.silu.out(h[:, :F_], out=s)
+                torch.mul(s, h[:, F_:], out=a)
+            else:
+                torch.ops.aten.gelu.out(h, approximate=_gelu_kind(activation), out=a)
+            if b_out_ED is None:
+                torch.mm(a, w_out[e], out=ys)
+            else:
+                torch.addmm(b_out_ED[e], a, w_out[e], out=ys)
+        for pad in ys_RD.split(sizes)[1::2]:
+            if pad.shape[0]:
+                pad.zero_()
         ctx.bounds, ctx.activation = bounds, activation
         ctx.has_b_in, ctx.has_b_out = b_in_EH is not None, b_out_ED is not None
-        ctx.save_for_backward(xs_RD, w_in_EDH, w_out_EFD, h_RH, a_RF)
+        ctx.save_for_backward(xs_RD, w_in_EDH, w_out_EFD, h_RH, a_RF, s_RF)
         return ys_RD
 
     @staticmethod
     def backward(ctx, grad_ys_RD):
-        xs_RD, w_in_EDH, w_out_EFD, h_RH, a_RF = ctx.saved_tensors
+        xs_RD, w_in_EDH, w_out_EFD, h_RH, a_RF, s_RF = ctx.saved_tensors
         grad_ys_RD = grad_ys_RD.contiguous()
         R, D = xs_RD.shape
         E, H, F_ = w_in_EDH.shape[0], w_in_EDH.shape[2], w_out_EFD.shape[1]
         dtype, device = xs_RD.dtype, xs_RD.device
+        swiglu = ctx.activation == "swiglu"
         need_xs, need_w_in, need_w_out, need_b_in, need_b_out = ctx.needs_input_grad[:5]
         need_b_in, need_b_out = need_b_in and ctx.has_b_in, need_b_out and ctx.has_b_out
+        need_h = need_xs or need_w_in or need_b_in
+        sizes = _split_sizes(ctx.bounds, R)
         grad_xs = empty_buffer((R, D), dtype, device) if need_xs else None
         grad_w_in = empty_buffer((E, D, H), dtype, device) if need_w_in else None
         grad_w_out = empty_buffer((E, F_, D), dtype, device) if need_w_out else None
         grad_b_in = torch.zeros((E, H), dtype=dtype, device=device) if need_b_in else None
         grad_b_out = torch.zeros((E, D), dtype=dtype, device=device) if need_b_out else None
-        need_h = need_xs or need_w_in or need_b_in
-        max_n = max((n for _, n, _ in ctx.bounds), default=0)
-        if need_h:
-            grad_a_all = empty_buffer((max_n, F_), dtype, device)
-            grad_h_all = empty_buffer((max_n, H), dtype, device)
-            tmp_all = empty_buffer((max_n, F_), dtype, device) if ctx.activation == "swiglu" else None
-        for e, (s, n, block_end) in enumerate(ctx.bounds):
-            rows = slice(s, s + n)
-            if grad_xs is not None:
-                grad_xs[s + n:block_end].zero_()
+        max_n = max(sizes[0::2], default=0)
+        grad_a_all = empty_buffer((max_n, F_), dtype, device)
+        grad_h_all = empty_buffer((max_n, H), dtype, device)
+        tmp_all = empty_buffer((max_n, F_), dtype, device) if swiglu else None
+        g_ys_parts = _split_used(grad_ys_RD, sizes)
+        xs_t_parts = _split_used(xs_RD.t(), sizes, dim=1)  # [D, n] views
+        a_t_parts = _split_used(a_RF.t(), sizes, dim=1)  # [F, n] views
+        h_parts = _split_used(h_RH, sizes)
+        s_parts = _split_used(s_RF, sizes) if swiglu else [None] * E
+        gx_parts = _split_used(grad_xs, sizes) if grad_xs is not None else [None] * E
+        w_out_t = w_out_EFD.transpose(1, 2).unbind(0)  # [D, F] views
+        w_in_t = w_in_EDH.transpose(1, 2).unbind(0)  # [H, D] views
+        for e in range(E):
+            g_ys = g_ys_parts[e]
+            n = g_ys.shape[0]
             if n == 0:  # an empty expert: its weight gradients are zero
                 for g in (grad_w_in, grad_w_out):
                     if g is not None:
                         g[e].zero_()
                 continue
-            g_ys = grad_ys_RD[rows]
             if grad_w_out is not None:
-                torch.mm(a_RF[rows].t(), g_ys, out=grad_w_out[e])
+                torch.mm(a_t_parts[e], g_ys, out=grad_w_out[e])
             if grad_b_out is not None:
                 torch.sum(g_ys, dim=0, out=grad_b_out[e])
             if not need_h:
                 continue
-            grad_a = torch.mm(g_ys, w_out_EFD[e].t(), out=grad_a_all[:n])
-            grad_h = grad_h_all[:n]
-            _act_backward(grad_a, h_RH[rows], grad_h, tmp_all[:n] if tmp_all is not None else None, ctx.activation)
+            grad_a = torch.mm(g_ys, w_out_t[e], out=grad_a_all[:n])
+            grad_h, h = grad_h_all[:n], h_parts[e]
+            if swiglu:
+                # d up = grad_a * silu(gate);  d gate = silu'(gate) * grad_a * up
+                torch.mul(grad_a, s_parts[e], out=grad_h[:, F_:])
+                tmp = torch.mul(grad_a, h[:, F_:], out=tmp_all[:n])
+                torch.ops.aten.silu_backward.grad_input(tmp, h[:, :F_], grad_input=grad_h[:, :F_])
+            else:
+                torch.ops.aten.gelu_backward.grad_input(grad_a, h, approximate=_gelu_kind(ctx.activation),
+                                                        grad_input=grad_h)
             if grad_b_in is not None:
                 torch.sum(grad_h, dim=0, out=grad_b_in[e])
             if grad_w_in is not None:
-                torch.mm(xs_RD[rows].t(), grad_h, out=grad_w_in[e])
+                torch.mm(xs_t_parts[e], grad_h, out=grad_w_in[e])
             if grad_xs is not None:
-                torch.mm(grad_h, w_in_EDH[e].t(), out=grad_xs[rows])
+                torch.mm(grad_h, w_in_t[e], out=gx_parts[e])
         if grad_xs is not None:
-            grad_xs[_covered(ctx.bounds):].zero_()
+            for pad in grad_xs.split(sizes)[1::2]:
+                if pad.shape[0]:
+                    pad.zero_()
         return grad_xs, grad_w_in, grad_w_out, grad_b_in, grad_b_out, None, None
+
+
+def _split_sizes(bounds, num_rows: int) -> list[int]:
+    """``[used_0, pad_0, used_1, pad_1, ..., used_E-1, pad_E-1 + tail]`` row counts."""
+    sizes, prev_end = [], 0
+    for s, n, end in bounds:
+        if s != prev_end or not 0 <= n <= end - s:
+            raise ValueError(f"expert blocks must tile the rows in order, got {bounds}")
+        sizes += [n, end - s - n]
+        prev_end = end
+    if sizes:
+        sizes[-1] += num_rows - _covered(bounds)
+    return sizes
 
 
 def _covered(bounds) -> int:
