@@ -1,0 +1,270 @@
+"""The ``moebal`` command: ``compare`` (the main job), ``bench`` and ``info``.
+
+``moebal compare`` trains one small byte-level MoE language model per balancing policy
+on the interpreter's own standard-library sources and prints a table of validation bits
+per byte and load balance; ``moebal bench`` times the MoE layer against its dense
+equivalent; ``moebal info`` says what moebal will run on here.
+
+Progress goes to stderr, results to stdout. Bad options exit with status 2 and a message.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["main", "build_parser"]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
+    return value
+
+
+def _policies(text: str):
+    from moebal.compare.policies import parse_policies
+
+    try:
+        return parse_policies(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _device(text: str) -> str:
+    from moebal.compare.train import check_device
+
+    try:
+        return check_device(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _choices(allowed: tuple[str, ...]):
+    def parse(text: str) -> tuple[str, ...]:
+        items = tuple(part.strip() for part in text.split(",") if part.strip())
+        bad = [item for item in items if item not in allowed]
+        if not items or bad:
+            raise argparse.ArgumentTypeError(f"expected a comma list of {', '.join(allowed)}; got {text!r}")
+        return items
+
+    return parse
+
+
+def _add_compare(sub) -> None:
+    from moebal.compare.model import ModelConfig
+    from moebal.compare.policies import DEFAULT_POLICIES, NAMES_HELP
+    from moebal.compare.train import CompareConfig
+
+    c, m = CompareConfig(), ModelConfig()
+    p = sub.add_parser(
+        "compare",
+        help="train one small MoE model per balancing policy and compare loss and balance",
+        description=(
+            "Train one small byte-level MoE language model per balancing policy on the standard-library "
+            "sources of this Python (no downloads; same init and data order for every policy) and report "
+            "validation bits per byte, MaxVio_global, MaxVio_batch, dropped tokens and tokens/s. "
+            "Writes results.json, maxvio_batch.png and load_heatmap.png to --out."
+        ),
+    )
+    p.add_argument("--policies", type=_policies, default=",".join(DEFAULT_POLICIES),
+                   help=f"comma list of policies (default: %(default)s); names: {NAMES_HELP}")
+    p.add_argument("--steps", type=_positive_int, default=c.steps, help="training steps per policy (default: %(default)s)")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--out", default="moebal-compare", help="output directory (default: ./%(default)s)")
+    p.add_argument("--seed", type=int, default=c.seed, help="init and data-order seed (default: %(default)s)")
+    p.add_argument("--batch", type=_positive_int, default=c.batch, help="sequences per step (default: %(default)s)")
+    p.add_argument("--seq-len", type=_positive_int, default=c.seq_len, help="bytes per sequence (default: %(default)s)")
+    p.add_argument("--lr", type=_positive_float, default=c.lr, help="peak learning rate (default: %(default)s)")
+    p.add_argument("--val-tokens", type=_positive_int, default=c.val_tokens,
+                   help="validation bytes to evaluate (default: %(default)s)")
+    p.add_argument("--log-every", type=_positive_int, default=c.log_every,
+                   help="progress line every N steps on stderr (default: %(default)s)")
+    p.add_argument("--layers", type=_positive_int, default=m.layers, help="transformer blocks (default: %(default)s)")
+    p.add_argument("--d-model", type=_positive_int, default=m.d_model, help="model width (default: %(default)s)")
+    p.add_argument("--heads", type=_positive_int, default=m.heads, help="attention heads (default: %(default)s)")
+    p.add_argument("--experts", type=_positive_int, default=m.num_experts, help="experts per layer (default: %(default)s)")
+    p.add_argument("--expert-hidden", type=_positive_int, default=m.expert_hidden,
+                   help="hidden width of each expert (default: %(default)s)")
+    p.add_argument("--top-k", type=_positive_int, default=m.top_k, help="experts per token (default: %(default)s)")
+    p.add_argument("--capacity-factor", type=_positive_float, default=None,
+                   help="expert capacity factor; default: dropless, as in the loss-free paper")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="CPU threads for torch (default: torch's own choice; 1 is faster on a busy machine)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNGs (results.json and the table only)")
+    p.set_defaults(run=_run_compare, parser=p)
+
+
+def _run_compare(args, parser) -> int:
+    from moebal.compare.model import ModelConfig
+    from moebal.compare.report import format_table, write_all, write_results
+    from moebal.compare.train import CompareConfig, run_compare
+
+    try:
+        model = ModelConfig(
+            layers=args.layers, d_model=args.d_model, heads=args.heads, num_experts=args.experts,
+            expert_hidden=args.expert_hidden, top_k=args.top_k, capacity_factor=args.capacity_factor,
+            max_seq_len=max(1024, args.seq_len),
+        )
+        cfg = CompareConfig(
+            steps=args.steps, batch=args.batch, seq_len=args.seq_len, lr=args.lr, val_tokens=args.val_tokens,
+            seed=args.seed, device=args.device, log_every=args.log_every, model=model,
+        )
+    except ValueError as err:
+        parser.error(str(err))
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    progress = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    results = run_compare(cfg, args.policies, progress=progress)
+    if args.no_plots:
+        paths = {"json": write_results(results, f"{args.out}/results.json")}
+    else:
+        paths = write_all(results, args.out)
+    print(format_table(results))
+    progress("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _comma_list(text: str) -> tuple[str, ...]:
+    items = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected a comma list, got {text!r}")
+    return items
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    return tuple(_positive_int(item) for item in _comma_list(text))
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="time the MoE layer against its dense-equivalent FFN (and peers)",
+        description=(
+            "Time moebal's MoE layer (forward, forward+backward) side by side with the dense SwiGLU FFN of "
+            "equal active FLOPs and the peer MoE implementations installed here, at configs A (many small "
+            "experts), B (few big experts) and C (small layer). With --plot PNG --from JSON, only draw a "
+            "saved result; with --plot PNG --json PATH, run, save, then draw from the saved file."
+        ),
+    )
+    p.add_argument("--configs", type=_comma_list, default=("A", "B", "C"),
+                   help="comma list of configs: A, B, C (tiny: a smoke-test shape) (default: A,B,C)")
+    p.add_argument("--dtypes", type=_choices(("fp32", "bf16")), default=("fp32", "bf16"),
+                   help="comma list among fp32,bf16 (default: fp32,bf16)")
+    p.add_argument("--modes", type=_choices(("fwd", "fwd+bwd")), default=("fwd", "fwd+bwd"),
+                   help="comma list among fwd,fwd+bwd (default: fwd,fwd+bwd)")
+    p.add_argument("--threads", type=_int_list, default=(1,),
+                   help="CPU threads; a comma list runs one full pass per count (default: 1)")
+    p.add_argument("--repeats", type=_positive_int, default=5,
+                   help="timed rounds; each implementation keeps its fastest (default: %(default)s)")
+    p.add_argument("--no-peers", action="store_true", help="skip the peer implementations")
+    p.add_argument("--json", metavar="PATH", help="write the full result to this JSON file")
+    p.add_argument("--plot", metavar="PNG", help="draw a PNG from a saved JSON (--from JSON, or the --json just written)")
+    p.add_argument("--from", dest="from_json", metavar="JSON", help="the saved JSON that --plot draws (no run)")
+    p.set_defaults(run=_run_bench, parser=p)
+
+
+def _run_bench(args, parser) -> int:
+    if args.from_json and not args.plot:
+        parser.error("--from JSON needs --plot PNG")
+    if args.plot and not (args.from_json or args.json):
+        parser.error("--plot PNG needs --from JSON (plots are drawn from a saved result) or --json PATH")
+    try:
+        from moebal import bench
+    except ImportError as err:
+        print(f"moebal bench: the benchmark module is not available ({err})", file=sys.stderr)
+        return 1
+    if args.from_json:
+        bench.plot(args.from_json, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+        return 0
+    unknown = [c for c in args.configs if c not in bench.CONFIGS]
+    if unknown:
+        parser.error(f"argument --configs: unknown config(s) {', '.join(unknown)}; known: {', '.join(bench.CONFIGS)}")
+    threads = args.threads[0] if len(args.threads) == 1 else args.threads
+    result = bench.run_layer_bench(
+        configs=args.configs, dtypes=args.dtypes, modes=args.modes, threads=threads, peers=not args.no_peers,
+        repeats=args.repeats, progress=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    print(bench.format_table(result))
+    if args.json:
+        bench.save_json(result, args.json)
+        print(f"wrote {args.json}", file=sys.stderr)
+        if args.plot:
+            bench.plot(args.json, args.plot)
+            print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="versions, device and which backend 'auto' picks",
+                       description="Print moebal/torch/triton versions, the device and the backend 'auto' picks, and why.")
+    p.add_argument("--device", type=_device, default=None, help="device to explain (default: cuda if present, else cpu)")
+    p.set_defaults(run=_run_info, parser=p)
+
+
+def _run_info(args, parser) -> int:
+    import platform
+
+    import torch
+
+    from moebal.backend import explain_auto
+    from moebal.compare.train import versions
+
+    v = versions()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rows = [
+        ("moebal", v["moebal"]),
+        ("torch", v["torch"] + (f" (CUDA {torch.version.cuda})" if torch.version.cuda else " (CPU build)")),
+        ("triton", v["triton"] or "not installed"),
+        ("python", f"{v['python']} on {platform.system()} {platform.machine()}"),
+        ("cuda available", f"yes, {torch.cuda.device_count()} device(s)" if torch.cuda.is_available() else "no"),
+    ]
+    if torch.device(device).type == "cuda":
+        rows.append(("device", f"{device}: {torch.cuda.get_device_name(torch.device(device))}"))
+    else:
+        rows.append(("device", f"{device}: {platform.processor() or platform.machine()}, "
+                               f"{torch.get_num_threads()} torch threads"))
+    try:
+        backend, reason = explain_auto(device)
+        rows.append(("backend 'auto'", f"{backend} — {reason}"))
+    except ValueError as err:  # a bad MOEBAL_BACKEND value
+        rows.append(("backend 'auto'", f"error: {err}"))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key.ljust(width)}  {value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moebal", description="Mixture-of-Experts routing and load balancing for PyTorch.")
+    sub = parser.add_subparsers(dest="command", metavar="{compare,bench,info}", required=True)
+    _add_compare(sub)
+    _add_bench(sub)
+    _add_info(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.run(args, args.parser)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Tables, JSON and plots of ``moebal compare`` results (plots read the saved results).
+
+``format_table`` returns the text table printed on stdout; ``write_results`` writes
+``results.json``; ``plot_maxvio`` and ``plot_load_heatmap`` draw PNGs from a results
+dict (as loaded from ``results.json``), so a figure can always be redrawn from the file.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+__all__ = ["format_table", "format_markdown_table", "write_results", "plot_maxvio", "plot_load_heatmap", "write_all"]
+
+_COLUMNS = (
+    ("policy", "name", "{}"),
+    ("val bpb", "val_bpb", "{:.4f}"),
+    ("MaxVio_global", "maxvio_global", "{:.3f}"),
+    ("MaxVio_batch", "maxvio_batch", "{:.3f}"),
+    ("dropped %", "dropped_frac", "{:.2%}"),
+    ("over cap@1.0 %", "overflow_frac_cf1", "{:.2%}"),
+    ("tokens/s", "tokens_per_s", "{:,.0f}"),
+)
+
+
+def _cells(policy: dict) -> list[str]:
+    cells = []
+    for _, key, fmt in _COLUMNS:
+        value = policy.get(key)
+        cells.append("-" if value is None else fmt.format(value).replace("%", ""))
+    return cells
+
+
+def format_table(results: dict) -> str:
+    """A fixed-width text table, one row per policy, plus a line saying what was measured."""
+    header = [title for title, _, _ in _COLUMNS]
+    rows = [_cells(p) for p in results["policies"]]
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    out = [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
+    out.append(_footnote(results))
+    return "\n".join(out)
+
+
+def format_markdown_table(results: dict) -> str:
+    header = [title for title, _, _ in _COLUMNS]
+    rows = [_cells(p) for p in results["policies"]]
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _footnote(results: dict) -> str:
+    cfg = results["config"]
+    m = cfg["model"]
+    cap = "dropless" if m.get("capacity_factor") is None else f"capacity factor {m['capacity_factor']}"
+    return (
+        f"{cfg['steps']} steps x {cfg['batch']}x{cfg['seq_len']} bytes; {m['layers']} layers, d_model {m['d_model']}, "
+        f"{m['num_experts']} experts (hidden {m['expert_hidden']}), top-{m['top_k']}, {cap}; "
+        f"MaxVio_global over {results['policies'][0].get('val_tokens', '?')} validation bytes, "
+        f"MaxVio_batch over the last {round(cfg['last_frac'] * 100)} % of steps; device {results['device']['device']}"
+    )
+
+
+def write_results(results: dict, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")
+    return path
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise RuntimeError("plots need matplotlib: pip install 'moebal[plot]'") from err
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def plot_maxvio(results: dict, path: str | Path) -> Path:
+    """MaxVio_batch (mean over layers) against the training step, one line per policy."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = results["config"]["steps"]
+    window = max(1, steps // 50)
+    for p in results["policies"]:
+        series = p["history"]["maxvio_batch"]
+        ax.plot(range(1, len(series) + 1), _smooth(series, window), label=p["name"], linewidth=1.5)
+    last_start = steps - max(1, round(results["config"]["last_frac"] * steps))
+    ax.axvspan(last_start, steps, color="0.9", zorder=0, label="MaxVio_batch window")
+    ax.set_xlabel("training step")
+    ax.set_ylabel(f"MaxVio_batch (mean over layers, {window}-step average)")
+    top = ax.get_ylim()[1]
+    ax.set_ylim(-0.02 * top, top)  # keeps a policy sitting at exactly 0 (BASE) visible
+    ax.set_title("Per-batch load imbalance during training")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_load_heatmap(results: dict, path: str | Path) -> Path:
+    """Per-layer x per-expert validation load / mean load, one panel per policy."""
+    plt = _pyplot()
+    from matplotlib.colors import TwoSlopeNorm
+
+    policies = results["policies"]
+    rel = []
+    for p in policies:
+        rows = []
+        for load in p["val_load"]:
+            mean = sum(load) / len(load)
+            rows.append([x / mean if mean else 0.0 for x in load])
+        rel.append(rows)
+    vmax = max(2.0, max(max(max(r) for r in rows) for rows in rel))
+    norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=vmax)
+    n = len(policies)
+    cols = min(n, 2)
+    nrows = math.ceil(n / cols)
+    panel_height = 1.3 + 0.3 * len(rel[0])
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.6 * cols, 0.6 + panel_height * nrows), squeeze=False,
+                             layout="constrained")
+    image = None
+    for ax, p, rows in zip(axes.flat, policies, rel):
+        image = ax.imshow(rows, cmap="RdBu_r", norm=norm, aspect="auto", interpolation="nearest")
+        ax.set_title(f"{p['name']}  (MaxVio_global {p['maxvio_global']:.2f})", fontsize=10)
+        ax.set_xlabel("expert")
+        ax.set_ylabel("layer")
+        ax.set_yticks(range(len(rows)))
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.colorbar(image, ax=axes.ravel().tolist(), label="validation load / mean load")
+    fig.suptitle("Expert load on the validation set (eval mode)")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def write_all(results: dict, out_dir: str | Path) -> dict[str, Path]:
+    """results.json, then the PNGs drawn from what was written."""
+    out_dir = Path(out_dir)
+    json_path = write_results(results, out_dir / "results.json")
+    saved = json.loads(json_path.read_text())
+    return {
+        "json": json_path,
+        "maxvio": plot_maxvio(saved, out_dir / "maxvio_batch.png"),
+        "heatmap": plot_load_heatmap(saved, out_dir / "load_heatmap.png"),
+    }

@@ -1,0 +1,90 @@
+"""The moebal command: help, bad options, info, and a tiny compare run."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moebal.cli import main
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine idle-waiting threads cost seconds."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _exit_code(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    return exc.value.code, capsys.readouterr()
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["compare", "--help"], ["bench", "--help"], ["info", "--help"]])
+def test_help_exits_zero(argv, capsys):
+    code, out = _exit_code(argv, capsys)
+    assert code == 0 and "usage: moebal" in out.out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["compare", "--policies", "aux-1e-2,bogus"], "unknown policy 'bogus'"),
+        (["compare", "--policies", ""], "no policy given"),
+        (["compare", "--steps", "-5"], "--steps: expected a positive integer, got '-5'"),
+        (["compare", "--steps", "0"], "--steps: expected a positive integer"),
+        (["compare", "--steps", "ten"], "--steps: expected a positive integer"),
+        (["compare", "--device", "tpu"], "unknown device 'tpu'"),
+        (["compare", "--experts", "4", "--top-k", "8"], "top_k=8 must be <= num_experts=4"),
+        (["compare", "--batch", "3", "--seq-len", "5"], "multiple of num_experts"),
+        (["bench", "--configs", "A,Z"], "unknown config(s) Z"),
+        (["bench", "--dtypes", "fp64"], "--dtypes: expected a comma list of fp32, bf16"),
+        (["bench", "--threads", "0"], "--threads: expected a positive integer"),
+        (["bench", "--plot", "out.png"], "--plot PNG needs --from JSON"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        ([], "required: {compare,bench,info}"),
+    ],
+)
+def test_bad_options_exit_2_with_a_message(argv, message, capsys):
+    code, out = _exit_code(argv, capsys)
+    assert code == 2
+    assert message in out.err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_cuda_is_a_clear_error(capsys):
+    code, out = _exit_code(["compare", "--device", "cuda"], capsys)
+    assert code == 2 and "CUDA is not available" in out.err
+
+
+def test_info(capsys):
+    assert main(["info", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert f"torch           {torch.__version__}" in out
+    assert "backend 'auto'  torch" in out and "moebal" in out and "triton" in out
+
+
+def test_tiny_compare_through_the_cli(tmp_path, capsys):
+    argv = [
+        "compare", "--steps", "4", "--policies", "aux-1e-3,base", "--out", str(tmp_path / "run"), "--no-plots",
+        "--layers", "1", "--d-model", "16", "--heads", "2", "--experts", "4", "--expert-hidden", "8",
+        "--batch", "2", "--seq-len", "16", "--val-tokens", "64", "--log-every", "2", "--seed", "3",
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    assert out.out.splitlines()[0].startswith("policy") and "base" in out.out  # the table on stdout
+    assert "[aux-1e-3] step 2/4" in out.err and "step 2/4" not in out.out  # progress on stderr only
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert [p["name"] for p in saved["policies"]] == ["aux-1e-3", "base"]
+    assert saved["config"]["seed"] == 3 and saved["config"]["model"]["num_experts"] == 4
+    assert saved["policies"][1]["maxvio_batch"] == 0.0
+
+
+def test_python_dash_m_runs_the_cli():
+    done = subprocess.run([sys.executable, "-m", "moebal", "compare", "--policies", "nope"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "unknown policy 'nope'" in done.stderr
