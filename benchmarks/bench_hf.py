@@ -134,7 +134,8 @@ def main(argv=None) -> dict:
                                          "batch", "seq_len")}
     results = measure(cfg, args.iters, args.warmup, args.repeats)
     out = {"schema": SCHEMA, "environment": environment(), "config": cfg,
-           "timing": {"iters": args.iters, "warmup": args.warmup, "repeats": args.repeats, "statistic": "min over repeats"},
+           "timing": {"iters": args.iters, "warmup": args.warmup, "repeats": args.repeats,
+                      "statistic": "min over repeats"},
            "results": results}
     print(f"tiny Llama d={cfg['d_model']} d_ff={cfg['d_ff']} L={cfg['layers']}, E={cfg['experts']} k={cfg['top_k']}, "
           f"{cfg['batch']}x{cfg['seq_len']} tokens, {out['environment']['threads']} threads")

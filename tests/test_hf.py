@@ -91,8 +91,8 @@ def test_upcycled_llama_equals_dense_in_fp32_and_report_names_what_changed():
     assert layer.experts.w_in_EDH.shape == (8, 64, 2 * 96)
     dense = _dense("llama").model.layers[0].mlp  # same seed: same dense weights
     for e in (0, 7):
-        torch.testing.assert_close(layer.experts.w_in_EDH[e], torch.cat([dense.gate_proj.weight, dense.up_proj.weight]).t(),
-                                   rtol=0, atol=0)
+        w_in = torch.cat([dense.gate_proj.weight, dense.up_proj.weight]).t()  # gate then up, for x @ W
+        torch.testing.assert_close(layer.experts.w_in_EDH[e], w_in, rtol=0, atol=0)
         torch.testing.assert_close(layer.experts.w_out_EFD[e], dense.down_proj.weight.t(), rtol=0, atol=0)
     assert model.model.layers[0].mlp.router is not model.model.layers[1].mlp.router
 
@@ -414,7 +414,14 @@ def _load(path):
     return module
 
 
-def test_example_finetune_runs(capsys):
+@pytest.fixture
+def keep_threads():
+    threads = torch.get_num_threads()  # the scripts pin torch's thread count
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_example_finetune_runs(capsys, keep_threads):
     _load("examples/finetune_swapped_llama.py").main(
         ["--dense-steps", "1", "--steps", "2", "--batch", "2", "--seq-len", "16", "--log-every", "1"]
     )
@@ -422,7 +429,7 @@ def test_example_finetune_runs(capsys):
     assert "MaxVio L0=" in out and "state_dict round trip bit-exact: True" in out
 
 
-def test_benchmark_runs_and_writes_json(tmp_path):
+def test_benchmark_runs_and_writes_json(tmp_path, keep_threads):
     path = tmp_path / "hf.json"
     bench = _load("benchmarks/bench_hf.py")
     out = bench.main(["--d-model", "32", "--d-ff", "64", "--layers", "1", "--seq-len", "16", "--batch", "2",

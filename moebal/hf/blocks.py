@@ -142,7 +142,8 @@ def _semantics(block: nn.Module, family: str) -> _Semantics:
                 "only some expert groups per token; moebal routes over all experts. Only n_group == 1 or "
                 "topk_group == n_group convert exactly."
             )
-        score, renormalize, scale, bias_E = "sigmoid", bool(gate.norm_topk_prob), float(gate.routed_scaling_factor), True
+        score, renormalize, bias_E = "sigmoid", bool(gate.norm_topk_prob), True
+        scale = float(gate.routed_scaling_factor)
     if family == "qwen2_moe":
         shared_d_ff, shared_gate = _check_shared_mlp(block.shared_expert, where), True
     elif family == "deepseek_v3":
@@ -261,7 +262,8 @@ def to_hf_moe_block(moe: MoE, block_cls: type, config) -> nn.Module:
         moe.shared.w_out.in_features if moe.shared is not None else None, moe.shared_gate is not None,
         moe.experts.b_in_EH is not None, sem.transposed,
     )
-    diff = {k: (getattr(have, k), getattr(sem, k)) for k in sem.__dataclass_fields__ if getattr(have, k) != getattr(sem, k)}
+    diff = {k: (getattr(have, k), getattr(sem, k)) for k in sem.__dataclass_fields__
+            if getattr(have, k) != getattr(sem, k)}
     if moe.capacity_factor is not None:
         diff["capacity_factor"] = (moe.capacity_factor, None)
     if moe.experts.activation != "swiglu":

@@ -78,7 +78,8 @@ def _is_conv1d(m) -> bool:
 def _has_bias(*mods) -> bool:
     flags = {m.bias is not None for m in mods}
     if len(flags) > 1:
-        raise ConversionError(f"some projections of the FFN have biases and some not: {[type(m).__name__ for m in mods]}")
+        names = [type(m).__name__ for m in mods]
+        raise ConversionError(f"some projections of the FFN have biases and some not: {names}")
     return flags.pop()
 
 
