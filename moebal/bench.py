@@ -31,10 +31,16 @@ import torch
 
 __all__ = [
     "LayerConfig", "CONFIGS", "DTYPES", "MODES", "run_layer_bench", "format_table", "save_json", "plot",
-    "load_peers_module", "build_impls", "make_inputs", "run_once",
+    "load_peers_module", "build_impls", "make_inputs", "run_once", "TIMERS",
 ]
 
 SCHEMA = "moebal.bench.layer/1"
+# "cpu": CPU time of this process (time.process_time, user + system, so page faults count):
+# with one thread it is the work done, and it does not grow when other processes share
+# the cores, which wall time does. "wall": time.perf_counter. "auto": cpu for one thread,
+# wall otherwise (threads that wait or spin make CPU time meaningless).
+TIMERS = ("auto", "cpu", "wall")
+_CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 
 
 @dataclass(frozen=True)
@@ -167,36 +173,40 @@ def _zero_grads(m, x):
     x.grad = None
 
 
-def run_once(m, x, g, mode: str) -> float:
-    """One timed forward (``mode="fwd"``) or forward+backward of ``m`` on ``x``; seconds."""
+def run_once(m, x, g, mode: str, timer: str = "wall") -> float:
+    """One timed forward (``mode="fwd"``) or forward+backward of ``m`` on ``x``; seconds.
+
+    ``timer`` is ``"wall"`` or ``"cpu"`` (see ``TIMERS``).
+    """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; known: {MODES}")
+    clock = _CLOCKS[timer]
     _zero_grads(m, x)
-    t0 = time.perf_counter()
+    t0 = clock()
     y = m(x)
     if mode == "fwd+bwd":
         y.backward(g)
-    t = time.perf_counter() - t0
+    t = clock() - t0
     del y
     return t
 
 
-def _time_round_robin(mods: dict, x, g, mode: str, repeats: int, warmup: int) -> dict[str, list[float]]:
+def _time_round_robin(mods: dict, x, g, mode: str, repeats: int, warmup: int, timer: str) -> dict[str, list[float]]:
     names = list(mods)
     for _ in range(warmup):
         for n in names:
-            run_once(mods[n], x, g, mode)
+            run_once(mods[n], x, g, mode, timer)
     times = {n: [] for n in names}
     for r in range(repeats):
         for i in range(len(names)):
             n = names[(r + i) % len(names)]
-            times[n].append(run_once(mods[n], x, g, mode))
+            times[n].append(run_once(mods[n], x, g, mode, timer))
     for m in mods.values():
         _zero_grads(m, x)
     return times
 
 
-def _stage_times(moe, x_TD, g_TD, repeats: int) -> dict:
+def _stage_times(moe, x_TD, g_TD, repeats: int, timer: str = "wall") -> dict:
     """Fastest time of each stage of one ``moebal.MoE`` forward and backward, in seconds.
 
     The stages run as the layer runs them, cut apart by ``detach()`` so each backward can be
@@ -206,34 +216,35 @@ def _stage_times(moe, x_TD, g_TD, repeats: int) -> dict:
     from moebal.plan import build_plan
 
     best: dict[str, float] = {}
+    clock = _CLOCKS[timer]
 
     def keep(name, t):
         best[name] = min(best.get(name, float("inf")), t)
 
     for _ in range(repeats + 1):  # the first round warms up
         _zero_grads(moe, x_TD)
-        t = [time.perf_counter()]
+        t = [clock()]
         routing = moe.router(x_TD)
-        t.append(time.perf_counter())
+        t.append(clock())
         plan = build_plan(routing.indices, moe.num_experts, moe.capacity(x_TD.shape[0]), routing.weights, moe.drop_policy)
-        t.append(time.perf_counter())
+        t.append(clock())
         xs = dispatch_rows(x_TD, plan, moe.backend)
-        t.append(time.perf_counter())
+        t.append(clock())
         xs_in = xs.detach().requires_grad_(True)
         ys = moe.experts(xs_in, plan)
-        t.append(time.perf_counter())
+        t.append(clock())
         ys_in = ys.detach().requires_grad_(True)
         w_in = routing.weights.detach().requires_grad_(True)
         y = combine_rows(ys_in, plan, w_in, moe.backend)
-        t.append(time.perf_counter())
+        t.append(clock())
         y.backward(g_TD)
-        t.append(time.perf_counter())
+        t.append(clock())
         ys.backward(ys_in.grad)
-        t.append(time.perf_counter())
+        t.append(clock())
         xs.backward(xs_in.grad)
-        t.append(time.perf_counter())
+        t.append(clock())
         routing.weights.backward(w_in.grad)
-        t.append(time.perf_counter())
+        t.append(clock())
         names = ("fwd.router", "fwd.plan", "fwd.dispatch", "fwd.experts", "fwd.combine",
                  "bwd.combine", "bwd.experts", "bwd.dispatch", "bwd.router")
         for name, a, b in zip(names, t, t[1:]):
@@ -320,6 +331,7 @@ def run_layer_bench(
     stages: bool = True,
     moebal_paths=("auto", "grouped"),
     seed: int = 0,
+    timer: str = "auto",
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Time moebal.MoE, the dense-equivalent SwiGLU FFN and peer MoEs side by side.
@@ -338,6 +350,8 @@ def run_layer_bench(
             combine; forward and backward).
         moebal_paths: expert paths timed as separate rows: "auto" is the default layer
             ("moebal"), "grouped" the grouped_mm path ("moebal_grouped"), "loop".
+        timer: "auto" (CPU time of the process with one thread, wall time with more),
+            "cpu" or "wall"; see ``TIMERS``. The run records which it used.
         progress: called with a one-line message as each measurement finishes.
 
     Returns a JSON-ready dict: the environment, then ``runs`` (one per threads x config
@@ -352,11 +366,14 @@ def run_layer_bench(
     for m in modes:
         if m not in MODES:
             raise ValueError(f"unknown mode {m!r}; known: {MODES}")
+    if timer not in TIMERS:
+        raise ValueError(f"unknown timer {timer!r}; known: {TIMERS}")
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
     say = progress or (lambda msg: None)
     result = {"schema": SCHEMA, **environment(threads), "settings": {
-        "repeats": repeats, "warmup": warmup, "seed": seed, "timer": "fastest of interleaved rounds",
+        "repeats": repeats, "warmup": warmup, "seed": seed, "timer": timer,
+        "statistic": "fastest of interleaved rounds (the starting implementation rotates)",
         "fwd": "forward with autograd recording (training forward), output then dropped",
         "fwd+bwd": "forward + backward of a fixed random output gradient; grads of x and all weights",
         "dense": "DenseFFN(D, K*F, swiglu): two nn.Linear, same active FLOPs as the experts",
@@ -366,6 +383,7 @@ def run_layer_bench(
     try:
         for n_threads in threads:
             torch.set_num_threads(n_threads)
+            clock = timer if timer != "auto" else ("cpu" if n_threads == 1 else "wall")
             for cfg in cfgs:
                 ref32, mods32, skipped = _build(cfg, seed, peers, moebal_paths)
                 result["skipped_peers"].update(skipped)
@@ -381,13 +399,15 @@ def run_layer_bench(
                     g = g32.to(dtype)
                     errors = errors32 if dtype == torch.float32 else _peer_errors(ref, mods, x.detach())
                     for mode in modes:
-                        times = _time_round_robin(mods, x, g, mode, repeats, warmup)
+                        times = _time_round_robin(mods, x, g, mode, repeats, warmup, clock)
                         run = _summarise(cfg, dname, mode, n_threads, times, errors, routing)
+                        run["timer"] = clock
                         result["runs"].append(run)
                         say(_one_line(run))
                     if stages and "moebal" in mods:
-                        st = _stage_times(mods["moebal"], x, g, repeats)
-                        result["stages"].append({"config": cfg.name, "dtype": dname, "threads": n_threads, **st})
+                        st = _stage_times(mods["moebal"], x, g, repeats, clock)
+                        result["stages"].append({"config": cfg.name, "dtype": dname, "threads": n_threads,
+                                                 "timer": clock, **st})
                         say(f"stages {cfg.name} {dname} t={n_threads}: " + ", ".join(
                             f"{k} {v * 1e3:.1f}" for k, v in {**_prefixed(st)}.items()) + " ms")
                     del mods, x, g
@@ -432,7 +452,7 @@ def _one_line(run) -> str:
         f"{n} {v['ratio_to_dense']:.2f}" for n, v in run["impls"].items() if n != "dense" and v["ratio_to_dense"]
     )
     dense = run["impls"].get("dense", {}).get("best_s")
-    head = f"{run['config']['name']} {run['dtype']} {run['mode']} t={run['threads']}"
+    head = f"{run['config']['name']} {run['dtype']} {run['mode']} t={run['threads']} ({run.get('timer', 'wall')})"
     return f"{head}: dense {dense * 1e3:.1f} ms; x dense: {ratios}" if dense else f"{head}: {ratios}"
 
 
@@ -464,7 +484,8 @@ def format_table(result: dict) -> str:
                 row.append(f"{v['ratio_to_dense']:.2f}" if v and v["ratio_to_dense"] else "-")
             rows.append(row)
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-        lines.append(f"\nthreads={n_threads} dtype={dname}  (time / dense-equivalent time; lower is better)")
+        timer = runs[0].get("timer", "wall")
+        lines.append(f"\nthreads={n_threads} dtype={dname}  ({timer} time / dense-equivalent {timer} time; lower is better)")
         for r in rows:
             lines.append("  ".join(c.rjust(w) if i >= 2 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
     if result.get("stages"):

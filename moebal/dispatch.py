@@ -25,18 +25,26 @@ class _BufferPool:
 
     Why: on CPU every fresh large allocation is mmap'ed and each page is faulted in on
     first touch, which costs as much as the gather or elementwise op that fills it. The
-    pool keeps the storages and hands one out again only when nothing else (a user's
-    tensor, an autograd saved tensor, a ``.grad``) still holds it, so reuse can never
-    overwrite live data. Bounded by ``MOEBAL_CPU_POOL_MB`` (default 2048, 0 = off).
+    pool keeps storages and hands one out again only when nothing else (a user's tensor,
+    an autograd saved tensor, a ``.grad``) still holds it, so reuse can never overwrite
+    live data. A request takes the smallest free storage of at least its size (and at
+    most 5/4 of it, so routing-dependent scratch sizes still hit); misses evict the least
+    recently used free storages to stay under ``MOEBAL_CPU_POOL_MB`` (default 2048, 0 =
+    off), and past that allocate plainly.
     """
 
     MIN_BYTES = 1 << 18  # below this, malloc reuses its own heap and the pool adds nothing
+    SLACK = 1.25
 
     def __init__(self):
-        self._free_by_bytes: dict[int, list[torch.UntypedStorage]] = {}
+        self._storages: list[torch.UntypedStorage] = []  # least recently used first
         self._bytes = 0
         self._lock = threading.Lock()
         self.limit_bytes = int(float(os.environ.get("MOEBAL_CPU_POOL_MB", "2048")) * (1 << 20))
+
+    @staticmethod
+    def _free(st: torch.UntypedStorage) -> bool:
+        return torch._C._storage_Use_Count(st._cdata) == 1  # only the pool holds it
 
     def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
         shape = tuple(shape)
@@ -44,19 +52,30 @@ class _BufferPool:
         if nbytes < self.MIN_BYTES or self.limit_bytes <= 0:
             return torch.empty(shape, dtype=dtype)
         with self._lock:
-            storages = self._free_by_bytes.setdefault(nbytes, [])
-            for st in storages:
-                if torch._C._storage_Use_Count(st._cdata) == 1:  # only the pool holds it
-                    return torch.empty(0, dtype=dtype).set_(st, 0, shape)
+            best = None
+            for i, st in enumerate(self._storages):
+                nb = st.nbytes()
+                if nbytes <= nb <= nbytes * self.SLACK and (best is None or nb < best[1]) and self._free(st):
+                    best = (i, nb)
+            if best is not None:
+                st = self._storages.pop(best[0])
+                self._storages.append(st)
+                return torch.empty(0, dtype=dtype).set_(st, 0, shape)
+            i = 0
+            while self._bytes + nbytes > self.limit_bytes and i < len(self._storages):
+                if self._free(self._storages[i]):
+                    self._bytes -= self._storages.pop(i).nbytes()
+                else:
+                    i += 1
             out = torch.empty(shape, dtype=dtype)
             if self._bytes + nbytes <= self.limit_bytes:
-                storages.append(out.untyped_storage())
+                self._storages.append(out.untyped_storage())
                 self._bytes += nbytes
             return out
 
     def clear(self) -> None:
         with self._lock:
-            self._free_by_bytes.clear()
+            self._storages.clear()
             self._bytes = 0
 
 

@@ -117,6 +117,45 @@ def _split_used(buf: torch.Tensor, sizes: list[int], dim: int = 0) -> list[torch
     return list(buf.split(sizes, dim=dim)[0::2])
 
 
+# The activation runs once per block of consecutive experts whose rows in use touch (no
+# capacity padding between them), about this many bytes of h per block: few enough ops
+# for small experts, while the block stays in cache between its GEMMs.
+_BLOCK_BYTES = 1 << 21
+
+
+def _row_blocks(bounds, row_bytes: int) -> list[tuple[int, int, int, int]]:
+    """``(first expert, end expert, first row, end row)`` blocks of adjacent rows in use."""
+    blocks, e0 = [], 0
+    for e, (s, n, end) in enumerate(bounds):
+        r0 = bounds[e0][0]
+        if end > s + n or (s + n - r0) * row_bytes >= _BLOCK_BYTES or e == len(bounds) - 1:
+            blocks.append((e0, e + 1, r0, s + n))
+            e0 = e + 1
+    return blocks
+
+
+def _act_forward(h_nH, s_nF, a_nF, activation: str) -> None:
+    """``a = silu(gate) * up`` keeping ``s = silu(gate)`` (h = [gate | up]), or ``a = gelu(h)``."""
+    if activation == "swiglu":
+        F_ = a_nF.shape[1]
+        torch.ops.aten.silu.out(h_nH[:, :F_], out=s_nF)
+        torch.mul(s_nF, h_nH[:, F_:], out=a_nF)
+    else:
+        torch.ops.aten.gelu.out(h_nH, approximate=_gelu_kind(activation), out=a_nF)
+
+
+def _act_backward(grad_a_nF, h_nH, s_nF, grad_h_nH, tmp_nF, activation: str) -> None:
+    """``grad_h`` from ``grad_a``: d up = grad_a * silu(gate), d gate = silu'(gate) * grad_a * up."""
+    if activation == "swiglu":
+        F_ = grad_a_nF.shape[1]
+        torch.mul(grad_a_nF, s_nF, out=grad_h_nH[:, F_:])
+        torch.mul(grad_a_nF, h_nH[:, F_:], out=tmp_nF)
+        torch.ops.aten.silu_backward.grad_input(tmp_nF, h_nH[:, :F_], grad_input=grad_h_nH[:, :F_])
+    else:
+        torch.ops.aten.gelu_backward.grad_input(grad_a_nF, h_nH, approximate=_gelu_kind(activation),
+                                                grad_input=grad_h_nH)
+
+
 class _LoopExperts(torch.autograd.Function):
     """``ys[rows e] = act(xs[rows e] @ W_in[e] + b_in[e]) @ W_out[e] + b_out[e]`` per expert.
 
@@ -136,25 +175,24 @@ class _LoopExperts(torch.autograd.Function):
         a_RF = empty_buffer((R, F_), dtype, device)
         s_RF = empty_buffer((R, F_), dtype, device) if swiglu else None  # silu(gate)
         ys_RD = empty_buffer((R, D), dtype, device)
-        parts = [_split_used(t, sizes) for t in (xs_RD, h_RH, a_RF, ys_RD)]
-        s_parts = _split_used(s_RF, sizes) if swiglu else [None] * E
+        xs_p, h_p, a_p, ys_p = (_split_used(t, sizes) for t in (xs_RD, h_RH, a_RF, ys_RD))
         w_in, w_out = w_in_EDH.unbind(0), w_out_EFD.unbind(0)
-        for e, (xs, h, a, ys), s in zip(range(E), zip(*parts), s_parts):
-            if xs.shape[0] == 0:
+        for e0, e1, r0, r1 in _row_blocks(bounds, H * xs_RD.element_size()):
+            if r1 == r0:
                 continue
-            if b_in_EH is None:
-                torch.mm(xs, w_in[e], out=h)
-            else:
-                torch.addmm(b_in_EH[e], xs, w_in[e], out=h)
-            if swiglu:
-                torch.ops.aten.silu.out(h[:, :F_], out=s)
-                torch.mul(s, h[:, F_:], out=a)
-            else:
-                torch.ops.aten.gelu.out(h, approximate=_gelu_kind(activation), out=a)
-            if b_out_ED is None:
-                torch.mm(a, w_out[e], out=ys)
-            else:
-                torch.addmm(b_out_ED[e], a, w_out[e], out=ys)
+            for e in range(e0, e1):
+                if xs_p[e].shape[0]:
+                    if b_in_EH is None:
+                        torch.mm(xs_p[e], w_in[e], out=h_p[e])
+                    else:
+                        torch.addmm(b_in_EH[e], xs_p[e], w_in[e], out=h_p[e])
+            _act_forward(h_RH[r0:r1], s_RF[r0:r1] if swiglu else None, a_RF[r0:r1], activation)
+            for e in range(e0, e1):
+                if xs_p[e].shape[0]:
+                    if b_out_ED is None:
+                        torch.mm(a_p[e], w_out[e], out=ys_p[e])
+                    else:
+                        torch.addmm(b_out_ED[e], a_p[e], w_out[e], out=ys_p[e])
         for pad in ys_RD.split(sizes)[1::2]:
             if pad.shape[0]:
                 pad.zero_()
@@ -164,6 +202,7 @@ class _LoopExperts(torch.autograd.Function):
         return ys_RD
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_ys_RD):
         xs_RD, w_in_EDH, w_out_EFD, h_RH, a_RF, s_RF = ctx.saved_tensors
         grad_ys_RD = grad_ys_RD.contiguous()
@@ -175,53 +214,59 @@ class _LoopExperts(torch.autograd.Function):
         need_b_in, need_b_out = need_b_in and ctx.has_b_in, need_b_out and ctx.has_b_out
         need_h = need_xs or need_w_in or need_b_in
         sizes = _split_sizes(ctx.bounds, R)
+        blocks = _row_blocks(ctx.bounds, H * xs_RD.element_size())
         grad_xs = empty_buffer((R, D), dtype, device) if need_xs else None
         grad_w_in = empty_buffer((E, D, H), dtype, device) if need_w_in else None
         grad_w_out = empty_buffer((E, F_, D), dtype, device) if need_w_out else None
         grad_b_in = torch.zeros((E, H), dtype=dtype, device=device) if need_b_in else None
         grad_b_out = torch.zeros((E, D), dtype=dtype, device=device) if need_b_out else None
-        max_n = max(sizes[0::2], default=0)
-        grad_a_all = empty_buffer((max_n, F_), dtype, device)
-        grad_h_all = empty_buffer((max_n, H), dtype, device)
-        tmp_all = empty_buffer((max_n, F_), dtype, device) if swiglu else None
-        g_ys_parts = _split_used(grad_ys_RD, sizes)
-        xs_t_parts = _split_used(xs_RD.t(), sizes, dim=1)  # [D, n] views
-        a_t_parts = _split_used(a_RF.t(), sizes, dim=1)  # [F, n] views
-        h_parts = _split_used(h_RH, sizes)
-        s_parts = _split_used(s_RF, sizes) if swiglu else [None] * E
-        gx_parts = _split_used(grad_xs, sizes) if grad_xs is not None else [None] * E
+        max_rows = max((r1 - r0 for _, _, r0, r1 in blocks), default=0)
+        grad_a_all = empty_buffer((max_rows, F_), dtype, device)
+        grad_h_all = empty_buffer((max_rows, H), dtype, device)
+        tmp_all = empty_buffer((max_rows, F_), dtype, device) if swiglu else None
+        g_ys_p = _split_used(grad_ys_RD, sizes)
+        xs_t_p = _split_used(xs_RD.t(), sizes, dim=1)  # [D, n] views
+        a_t_p = _split_used(a_RF.t(), sizes, dim=1)  # [F, n] views
+        gx_p = _split_used(grad_xs, sizes) if grad_xs is not None else None
         w_out_t = w_out_EFD.transpose(1, 2).unbind(0)  # [D, F] views
         w_in_t = w_in_EDH.transpose(1, 2).unbind(0)  # [H, D] views
         for e in range(E):
-            g_ys = g_ys_parts[e]
-            n = g_ys.shape[0]
-            if n == 0:  # an empty expert: its weight gradients are zero
+            if g_ys_p[e].shape[0] == 0:  # an empty expert: its weight gradients are zero
                 for g in (grad_w_in, grad_w_out):
                     if g is not None:
                         g[e].zero_()
+        for e0, e1, r0, r1 in blocks:
+            if r1 == r0:
                 continue
-            if grad_w_out is not None:
-                torch.mm(a_t_parts[e], g_ys, out=grad_w_out[e])
-            if grad_b_out is not None:
-                torch.sum(g_ys, dim=0, out=grad_b_out[e])
+            offsets = [ctx.bounds[e][0] - r0 for e in range(e0, e1)]
+            for e, off in zip(range(e0, e1), offsets):
+                g_ys = g_ys_p[e]
+                n = g_ys.shape[0]
+                if n == 0:
+                    continue
+                if grad_w_out is not None:
+                    torch.mm(a_t_p[e], g_ys, out=grad_w_out[e])
+                if grad_b_out is not None:
+                    torch.sum(g_ys, dim=0, out=grad_b_out[e])
+                if need_h:
+                    torch.mm(g_ys, w_out_t[e], out=grad_a_all[off:off + n])
             if not need_h:
                 continue
-            grad_a = torch.mm(g_ys, w_out_t[e], out=grad_a_all[:n])
-            grad_h, h = grad_h_all[:n], h_parts[e]
-            if swiglu:
-                # d up = grad_a * silu(gate);  d gate = silu'(gate) * grad_a * up
-                torch.mul(grad_a, s_parts[e], out=grad_h[:, F_:])
-                tmp = torch.mul(grad_a, h[:, F_:], out=tmp_all[:n])
-                torch.ops.aten.silu_backward.grad_input(tmp, h[:, :F_], grad_input=grad_h[:, :F_])
-            else:
-                torch.ops.aten.gelu_backward.grad_input(grad_a, h, approximate=_gelu_kind(ctx.activation),
-                                                        grad_input=grad_h)
-            if grad_b_in is not None:
-                torch.sum(grad_h, dim=0, out=grad_b_in[e])
-            if grad_w_in is not None:
-                torch.mm(xs_t_parts[e], grad_h, out=grad_w_in[e])
-            if grad_xs is not None:
-                torch.mm(grad_h, w_in_t[e], out=gx_parts[e])
+            rows = r1 - r0
+            grad_h = grad_h_all[:rows]
+            _act_backward(grad_a_all[:rows], h_RH[r0:r1], s_RF[r0:r1] if swiglu else None, grad_h,
+                          tmp_all[:rows] if swiglu else None, ctx.activation)
+            for e, off in zip(range(e0, e1), offsets):
+                n = g_ys_p[e].shape[0]
+                if n == 0:
+                    continue
+                grad_h_e = grad_h[off:off + n]
+                if grad_b_in is not None:
+                    torch.sum(grad_h_e, dim=0, out=grad_b_in[e])
+                if grad_w_in is not None:
+                    torch.mm(xs_t_p[e], grad_h_e, out=grad_w_in[e])
+                if grad_xs is not None:
+                    torch.mm(grad_h_e, w_in_t[e], out=gx_p[e])
         if grad_xs is not None:
             for pad in grad_xs.split(sizes)[1::2]:
                 if pad.shape[0]:
@@ -291,6 +336,9 @@ def expert_ffn(
     if path == "auto":
         path = "loop" if xs_RD.device.type == "cpu" and not torch.compiler.is_compiling() else "grouped"
     if path == "loop":
+        mixed = [t.dtype for t in (w_in_EDH, w_out_EFD, b_in_EH, b_out_ED) if t is not None and t.dtype != xs_RD.dtype]
+        if mixed:
+            raise TypeError(f"expert weights must have the dtype of xs ({xs_RD.dtype}), got {mixed}")
         bounds = _host_bounds(plan)
         return _LoopExperts.apply(xs_RD.contiguous(), w_in_EDH, w_out_EFD, b_in_EH, b_out_ED, bounds, activation)
     return _grouped_ffn(xs_RD, w_in_EDH, w_out_EFD, b_in_EH, b_out_ED, plan, activation)

@@ -270,3 +270,65 @@ def test_dispatch_combine_roundtrip_uses_pooled_buffers_safely():
     y1_copy = y1.clone()
     combine_rows(xs2, plan, w.float())
     assert torch.equal(y1, y1_copy)
+
+
+def test_loop_path_rejects_mixed_dtypes_and_double_backward():
+    plan = build_plan(torch.tensor([[0], [1]]), 2)
+    xs = torch.randn(2, 8, dtype=torch.float64, requires_grad=True)
+    w_in = torch.randn(2, 8, 12, dtype=torch.float64, requires_grad=True)
+    w_out = torch.randn(2, 6, 8, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(TypeError, match="dtype"):
+        expert_ffn(xs, w_in.float(), w_out, plan, path="loop")
+    ys = expert_ffn(xs, w_in, w_out, plan, path="loop")
+    (g,) = torch.autograd.grad(ys.square().sum(), xs, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()  # the hand-written backward is once-differentiable
+
+
+def test_inference_mode_forward_matches_grad_mode():
+    torch.manual_seed(12)
+    moe = moebal.MoE(16, 24, 4, 2, router=Router(16, 4, 2, balancer=None)).double()
+    x = torch.randn(30, 16, dtype=torch.float64)
+    y = moe(x)
+    with torch.inference_mode():
+        y_inf = moe(x)
+        y_inf2 = moe(2 * x)  # reuses the buffers the first inference forward released
+    torch.testing.assert_close(y_inf, y.detach())
+    torch.testing.assert_close(y_inf2, moe(2 * x).detach())
+
+
+def test_buffer_pool_best_fit_and_eviction(monkeypatch):
+    from moebal import dispatch
+
+    pool = dispatch._BufferPool()
+    pool.limit_bytes = 3 << 20
+    a = pool.empty((1 << 18,), torch.float32)  # 1 MiB
+    ptr = a.data_ptr()
+    del a
+    b = pool.empty((240_000,), torch.float32)  # a little smaller: takes the free 1 MiB storage
+    assert b.data_ptr() == ptr and b.shape == (240_000,)
+    c = pool.empty((100_000,), torch.float32)  # much smaller: its own storage
+    assert c.data_ptr() != ptr
+    del b, c
+    big = pool.empty((1 << 19,), torch.float32)  # 2 MiB: evicts free storages to fit the limit
+    assert pool._bytes <= pool.limit_bytes and big.numel() == 1 << 19
+
+
+@pytest.mark.parametrize("cap", [None, 5])
+def test_loop_path_with_small_activation_blocks(monkeypatch, cap):
+    """Many row blocks (one expert each or a few): same values and gradients as one block."""
+    from moebal import experts
+
+    idx, _ = _routing(40, 6, 2, seed=13)
+    plan = build_plan(idx, 6, cap)
+    xs = torch.randn(plan.num_rows, 8, dtype=torch.float64, requires_grad=True)
+    w_in, w_out, b_in, b_out = _params(6, 8, 5, "swiglu", True, torch.float64, seed=14)
+    leaves = [xs, w_in, w_out, b_in, b_out]
+    outs = []
+    for block_bytes in (1 << 30, 1, 8 * 10 * 12):  # one block, one expert per block, ~a few experts
+        monkeypatch.setattr(experts, "_BLOCK_BYTES", block_bytes)
+        ys = expert_ffn(xs, w_in, w_out, plan, "swiglu", b_in, b_out, path="loop")
+        outs.append([ys] + list(torch.autograd.grad(ys.square().sum(), leaves)))
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
