@@ -110,3 +110,10 @@ def test_bad_arguments():
         bench.run_layer_bench(configs=("tiny",), modes=("bwd",))
     with pytest.raises(ValueError, match="top_k"):
         bench.LayerConfig("bad", 8, 8, 8, 2, 3)
+
+
+def test_gemm_floor_runs_on_tiny():
+    out = bench.gemm_floor("tiny", "fp32", repeats=1)
+    assert out["dense_gemms_s"] > 0 and out["per_expert_gemms_s"] > 0 and out["ratio"] > 0
+    with pytest.raises(ValueError, match="divisible"):
+        bench.gemm_floor(bench.LayerConfig("odd", 5, 8, 8, 3, 1))

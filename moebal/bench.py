@@ -31,7 +31,7 @@ import torch
 
 __all__ = [
     "LayerConfig", "CONFIGS", "DTYPES", "MODES", "run_layer_bench", "format_table", "save_json", "plot",
-    "load_peers_module", "build_impls", "make_inputs", "run_once", "TIMERS",
+    "load_peers_module", "build_impls", "make_inputs", "run_once", "gemm_floor", "TIMERS",
 ]
 
 SCHEMA = "moebal.bench.layer/1"
@@ -265,6 +265,60 @@ def _routing_stats(moe, x_TD) -> dict:
     return {"max_violation": float(stats.max_violation(load)), "min_load": int(load.min()), "max_load": int(load.max())}
 
 
+def gemm_floor(config, dtype="fp32", repeats: int = 3, timer: str = "cpu") -> dict:
+    """The practical limit of any per-expert-GEMM MoE here: its six GEMMs vs the dense FFN's.
+
+    Times the forward and backward GEMMs alone (no routing, no activation, warm
+    preallocated buffers), with every expert getting exactly T*K/E rows, and returns both
+    times and ``ratio`` = per-expert / dense. A layer cannot beat this ratio by more than the
+    dense FFN's own non-GEMM share.
+    """
+    cfg = _resolve_configs([config])[0]
+    dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    T, D, F_, E, K = cfg.tokens, cfg.d_model, cfg.d_ff, cfg.num_experts, cfg.top_k
+    if (T * K) % E:
+        raise ValueError(f"gemm_floor needs T*K divisible by E, got {cfg}")
+    R, H, rows = T * K, 2 * F_, T * K // E
+    new = lambda *shape: torch.randn(*shape, dtype=dt)  # noqa: E731
+    x, w_in, w_out, a, g, gh = new(T, D), new(2 * K * F_, D), new(D, K * F_), new(T, K * F_), new(T, D), new(T, 2 * K * F_)
+    outs = [torch.empty(T, 2 * K * F_, dtype=dt), torch.empty(T, D, dtype=dt), torch.empty(T, K * F_, dtype=dt),
+            torch.empty(D, K * F_, dtype=dt), torch.empty(T, D, dtype=dt), torch.empty(2 * K * F_, D, dtype=dt)]
+
+    def dense():
+        torch.mm(x, w_in.t(), out=outs[0])
+        torch.mm(a, w_out.t(), out=outs[1])
+        torch.mm(g, w_out, out=outs[2])
+        torch.mm(g.t(), a, out=outs[3])
+        torch.mm(gh, w_in, out=outs[4])
+        torch.mm(gh.t(), x, out=outs[5])
+
+    xs, ws_in, ws_out, a_s, g_s, gh_s = new(R, D), new(E, D, H), new(E, F_, D), new(R, F_), new(R, D), new(R, H)
+    outs_e = [torch.empty(R, H, dtype=dt), torch.empty(R, D, dtype=dt), torch.empty(R, F_, dtype=dt),
+              torch.empty(E, F_, D, dtype=dt), torch.empty(R, D, dtype=dt), torch.empty(E, D, H, dtype=dt)]
+
+    def per_expert():
+        for e in range(E):
+            r = slice(e * rows, (e + 1) * rows)
+            torch.mm(xs[r], ws_in[e], out=outs_e[0][r])
+            torch.mm(a_s[r], ws_out[e], out=outs_e[1][r])
+            torch.mm(g_s[r], ws_out[e].t(), out=outs_e[2][r])
+            torch.mm(a_s[r].t(), g_s[r], out=outs_e[3][e])
+            torch.mm(gh_s[r], ws_in[e].t(), out=outs_e[4][r])
+            torch.mm(xs[r].t(), gh_s[r], out=outs_e[5][e])
+
+    clock = _CLOCKS[timer]
+    best = {"dense": float("inf"), "per_expert": float("inf")}
+    dense(), per_expert()
+    for _ in range(repeats):
+        for name, fn in (("dense", dense), ("per_expert", per_expert)):
+            t0 = clock()
+            fn()
+            best[name] = min(best[name], clock() - t0)
+    return {"config": cfg.name, "dtype": dtype if isinstance(dtype, str) else str(dt), "timer": timer,
+            "dense_gemms_s": best["dense"], "per_expert_gemms_s": best["per_expert"],
+            "ratio": best["per_expert"] / best["dense"]}
+
+
 # --- the entry point -----------------------------------------------------------------------
 
 
@@ -304,7 +358,7 @@ def environment(threads) -> dict:
         },
         "versions": _versions(),
         "threads": list(threads),
-        "platform": platform.platform(),
+        "platform": f"{platform.system()} {platform.machine()}",
     }
 
 
@@ -332,6 +386,7 @@ def run_layer_bench(
     moebal_paths=("auto", "grouped"),
     seed: int = 0,
     timer: str = "auto",
+    floor: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Time moebal.MoE, the dense-equivalent SwiGLU FFN and peer MoEs side by side.
@@ -352,6 +407,7 @@ def run_layer_bench(
             ("moebal"), "grouped" the grouped_mm path ("moebal_grouped"), "loop".
         timer: "auto" (CPU time of the process with one thread, wall time with more),
             "cpu" or "wall"; see ``TIMERS``. The run records which it used.
+        floor: also measure ``gemm_floor`` per config and dtype (into ``gemm_floor``).
         progress: called with a one-line message as each measurement finishes.
 
     Returns a JSON-ready dict: the environment, then ``runs`` (one per threads x config
@@ -378,7 +434,7 @@ def run_layer_bench(
         "fwd+bwd": "forward + backward of a fixed random output gradient; grads of x and all weights",
         "dense": "DenseFFN(D, K*F, swiglu): two nn.Linear, same active FLOPs as the experts",
         "router": "moebal.Router softmax top-K renormalised, no balancing loss; peers copy its gate",
-    }, "runs": [], "stages": [], "skipped_peers": {}}
+    }, "runs": [], "stages": [], "gemm_floor": [], "skipped_peers": {}}
     old_threads = torch.get_num_threads()
     try:
         for n_threads in threads:
@@ -412,6 +468,10 @@ def run_layer_bench(
                             f"{k} {v * 1e3:.1f}" for k, v in {**_prefixed(st)}.items()) + " ms")
                     del mods, x, g
                     gc.collect()
+                    if floor and (cfg.tokens * cfg.top_k) % cfg.num_experts == 0:
+                        fl = gemm_floor(cfg, dname, repeats, clock)
+                        result["gemm_floor"].append({**fl, "threads": n_threads})
+                        say(f"gemm floor {cfg.name} {dname} t={n_threads}: per-expert GEMMs {fl['ratio']:.3f} x dense GEMMs")
                 del ref32, mods32
                 gc.collect()
     finally:
@@ -511,6 +571,7 @@ def plot(json_path, png_path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     result = json.loads(Path(json_path).read_text())
     panels: dict[tuple, list] = {}
@@ -538,10 +599,12 @@ def plot(json_path, png_path) -> None:
                     ax.annotate(f"{v:.2f}", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=6)
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
         ax.set_xticks(range(len(configs)), configs)
         ax.set_ylabel("time / dense-equivalent")
         threads, dname, mode = key
-        ax.set_title(f"{mode}, {dname}, {threads} thread(s)")
+        ax.set_title(f"{mode}, {dname}, {threads} thread(s), {runs[0].get('timer', 'wall')} time")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8)
     dev = result.get("device", {}).get("name", "")
