@@ -102,6 +102,8 @@ def _gather_rows(src_RD: torch.Tensor, rows: torch.Tensor, may_skip: bool, out: 
     rows = rows.reshape(-1)
     if out is None:
         out = empty_buffer((rows.shape[0], src_RD.shape[1]), src_RD.dtype, src_RD.device)
+    if src_RD.shape[0] == 0:  # no source rows: every row is padding (-1)
+        return out.zero_()
     torch.index_select(src_RD, 0, rows.clamp(min=0) if may_skip else rows, out=out)
     if may_skip:
         out.masked_fill_((rows < 0).unsqueeze(-1), 0)

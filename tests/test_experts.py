@@ -332,3 +332,13 @@ def test_loop_path_with_small_activation_blocks(monkeypatch, cap):
     for other in outs[1:]:
         for a, b in zip(outs[0], other):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 1.0])
+def test_zero_tokens_give_empty_output_and_zero_grads(capacity_factor):
+    moe = moebal.MoE(8, 8, 4, 2, capacity_factor=capacity_factor)  # capacity: 4 blocks of pure padding
+    x = torch.randn(0, 8, requires_grad=True)
+    y = moe(x)
+    y.sum().backward()
+    assert y.shape == (0, 8)
+    assert (moe.experts.w_in_EDH.grad == 0).all() and (moe.experts.w_out_EFD.grad == 0).all()
