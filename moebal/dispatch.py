@@ -167,7 +167,7 @@ def _combine_bwd(grad_y_TD, ys_RD, weights_TK, plan: DispatchPlan):
     acc = _acc(ys_RD.dtype)
     # d ys[r] = w[pair(r)] * dy[token(r)]: a gather, each row written once; the in-place
     # multiply by the fp32 weight computes in fp32 and rounds once
-    w_R1 = weights_TK.reshape(-1).to(acc)[plan.pair_of_row_R.clamp(min=0) if pad else plan.pair_of_row_R].unsqueeze(-1)
+    w_R1 = _gather_rows(weights_TK.reshape(-1, 1).to(acc), plan.pair_of_row_R, pad)  # [R, 1], padding rows 0
     dtype = ys_RD.dtype
     grad_ys = _gather_rows(grad_y_TD.to(dtype), plan.token_of_row_R, pad)
     if acc == dtype:
