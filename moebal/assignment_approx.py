@@ -71,7 +71,7 @@ def _rank_midpoint(dist_ET: torch.Tensor, rank_E: torch.Tensor, rmax: int) -> to
 
 def quantile_prices(
     s_ET: torch.Tensor, top_k: int, num_rounds: int, price_E: torch.Tensor | None = None,
-    damping: tuple[float, ...] = (1.0, 1.0, 0.7, 0.6, 0.5),
+    damping: tuple[float, ...] = (1.0, 1.0, 0.7, 0.6, 0.5), stop_excess: int = 0,
 ) -> torch.Tensor:
     """Expert prices ``[E]`` from ``num_rounds`` Jacobi rounds of per-expert quantile updates.
 
@@ -81,8 +81,8 @@ def quantile_prices(
     the K-th largest. Expert e alone would get exactly C = T*K/E tokens if its price
     moved by ``q_e`` = the midpoint of the C-th and (C+1)-th largest margins in its row
     (zero when it has C already). Each round moves every price by ``w * q_e`` at once,
-    w from ``damping`` (the last value repeats); rounds stop early once every expert
-    has C tokens. One round from p = 0 is the closed form
+    w from ``damping`` (the last value repeats); rounds stop early once the loads'
+    total excess over C is at most ``stop_excess``. One round from p = 0 is the closed form
     ``p_e = midpoint of the C-th and (C+1)-th largest of s[:, e] - (best other score)``
     (for K = 1). Ties count as members, so loads are approximate.
     """
@@ -99,8 +99,8 @@ def quantile_prices(
         member_ET = v_ET >= kth_T
         load_E = torch.count_nonzero(member_ET, dim=1)
         rank_E = (load_E - C).abs()
-        rmax = int(rank_E.max())
-        if rmax == 0:
+        rmax, excess = torch.stack([rank_E.max(), (load_E - C).clamp(min=0).sum()]).tolist()
+        if excess <= stop_excess or rmax == 0:
             break
         # distance of each token to the boundary, on the side where expert e must move
         dist_ET = torch.where(member_ET, v_ET - next_T, kth_T - v_ET)
@@ -123,7 +123,9 @@ def topk_indices(v_TE: torch.Tensor, top_k: int) -> torch.Tensor:
     """Top-k expert indices per row ``[T, K]`` int64, descending, ties toward the lower index."""
     if top_k > 4:
         return torch.sort(v_TE, dim=1, descending=True, stable=True).indices[:, :top_k].contiguous()
-    work_TE = v_TE.clone()  # argmax returns the first maximal index: ties break low
+    if top_k == 1:
+        return v_TE.argmax(1, keepdim=True)  # the first maximal index: ties break low
+    work_TE = v_TE.clone()
     cols = []
     for _ in range(top_k):
         col_T1 = work_TE.argmax(1, keepdim=True)
