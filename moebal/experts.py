@@ -79,18 +79,27 @@ def _grouped_mm_backward(ctx, grad_RH):
 _grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
 
 
+def _grouped_mm_fits(x_RD: torch.Tensor, w_EDH: torch.Tensor) -> bool:
+    """Whether ``F.grouped_mm`` takes these operands: its device, dtype and 16-byte strides."""
+    if not (_HAS_GROUPED_MM and x_RD.device.type in ("cpu", "cuda") and x_RD.dtype in _GROUPED_MM_DTYPES):
+        return False
+    size = x_RD.element_size()
+    return (x_RD.shape[1] * size) % 16 == 0 and (w_EDH.shape[-1] * size) % 16 == 0
+
+
 def grouped_matmul(x_RD: torch.Tensor, w_EDH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     """``out[r] = x[r] @ w[e(r)]`` where e(r) is the expert owning row r.
 
     With a capacity every expert owns a fixed block of C rows, so this is one ``bmm``;
     dropless it is ``F.grouped_mm`` with the plan's int32 group ends, or, where that op
-    is missing or the dtype is unsupported (float64), a per-expert loop (that fallback reads the group sizes on the host).
+    is missing or cannot take the operands (float64, rows not a multiple of 16 bytes), a
+    per-expert loop (that fallback reads the group sizes on the host).
     """
     E = w_EDH.shape[0]
     if plan.capacity is not None:
         C = plan.capacity
         return torch.bmm(x_RD.view(E, C, -1), w_EDH).view(E * C, -1)
-    if _HAS_GROUPED_MM and x_RD.device.type in ("cpu", "cuda") and x_RD.dtype in _GROUPED_MM_DTYPES:
+    if _grouped_mm_fits(x_RD, w_EDH):
         if torch.compiler.is_compiling() and x_RD.dtype != torch.bfloat16:
             return _grouped_mm_op(x_RD, w_EDH, plan.group_ends_E)
         return F.grouped_mm(x_RD, w_EDH, offs=plan.group_ends_E)

@@ -134,7 +134,8 @@ class MoE(nn.Module):
         seq_len = shape[-2] if x.dim() >= 3 else None
         routing = self.router(x_TD, seq_len=seq_len)
         plan = build_plan(
-            routing.indices, self.num_experts, self.capacity(x_TD.shape[0]), routing.weights, self.drop_policy
+            routing.indices, self.num_experts, self.capacity(x_TD.shape[0]), routing.weights, self.drop_policy,
+            backend=self.backend,
         )
         xs_RD = dispatch_rows(x_TD, plan, self.backend)
         ys_RD = self.experts(xs_RD, plan)

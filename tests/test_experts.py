@@ -342,3 +342,18 @@ def test_zero_tokens_give_empty_output_and_zero_grads(capacity_factor):
     y.sum().backward()
     assert y.shape == (0, 8)
     assert (moe.experts.w_in_EDH.grad == 0).all() and (moe.experts.w_out_EFD.grad == 0).all()
+
+
+@pytest.mark.parametrize("d_model,d_ff", [(97, 64), (64, 97), (6, 5)])
+def test_grouped_path_takes_sizes_grouped_mm_rejects(d_model, d_ff):
+    """grouped_mm needs 16-byte row strides; odd sizes run the per-expert fallback."""
+    torch.manual_seed(0)
+    experts = GroupedExperts(d_model, d_ff, 3, path="grouped")
+    x = torch.randn(11, d_model)
+    idx = torch.stack([torch.randperm(3)[:2] for _ in range(11)])
+    plan = build_plan(idx, 3)
+    xs = x[plan.token_of_row_R]
+    experts.path = "loop"
+    ref = experts(xs, plan)
+    experts.path = "grouped"
+    torch.testing.assert_close(experts(xs, plan), ref)
