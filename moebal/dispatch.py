@@ -8,90 +8,14 @@ deterministic; combine accumulates the weighted sum over K in fp32.
 """
 from __future__ import annotations
 
-import math
-import os
-import threading
 
 import torch
 
 from moebal.backend import resolve_backend
 from moebal.plan import DispatchPlan, build_plan
+from moebal.workspace import empty_buffer
 
-__all__ = ["dispatch", "combine", "dispatch_rows", "combine_rows", "empty_buffer", "clear_buffers"]
-
-
-class _BufferPool:
-    """Reusable CPU buffers for the large row tensors (xs, ys, their gradients, scratch).
-
-    Why: on CPU every fresh large allocation is mmap'ed and each page is faulted in on
-    first touch, which costs as much as the gather or elementwise op that fills it. The
-    pool keeps storages and hands one out again only when nothing else (a user's tensor,
-    an autograd saved tensor, a ``.grad``) still holds it, so reuse can never overwrite
-    live data. A request takes the smallest free storage of at least its size (and at
-    most 5/4 of it, so routing-dependent scratch sizes still hit); misses evict the least
-    recently used free storages to stay under ``MOEBAL_CPU_POOL_MB`` (default 2048, 0 =
-    off), and past that allocate plainly.
-    """
-
-    MIN_BYTES = 1 << 18  # below this, malloc reuses its own heap and the pool adds nothing
-    SLACK = 1.25
-
-    def __init__(self):
-        self._storages: list[torch.UntypedStorage] = []  # least recently used first
-        self._bytes = 0
-        self._lock = threading.Lock()
-        self.limit_bytes = int(float(os.environ.get("MOEBAL_CPU_POOL_MB", "2048")) * (1 << 20))
-
-    @staticmethod
-    def _free(st: torch.UntypedStorage) -> bool:
-        return torch._C._storage_Use_Count(st._cdata) == 1  # only the pool holds it
-
-    def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
-        shape = tuple(shape)
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        if nbytes < self.MIN_BYTES or self.limit_bytes <= 0:
-            return torch.empty(shape, dtype=dtype)
-        with self._lock:
-            best = None
-            for i, st in enumerate(self._storages):
-                nb = st.nbytes()
-                if nbytes <= nb <= nbytes * self.SLACK and (best is None or nb < best[1]) and self._free(st):
-                    best = (i, nb)
-            if best is not None:
-                st = self._storages.pop(best[0])
-                self._storages.append(st)
-                return torch.empty(0, dtype=dtype).set_(st, 0, shape)
-            i = 0
-            while self._bytes + nbytes > self.limit_bytes and i < len(self._storages):
-                if self._free(self._storages[i]):
-                    self._bytes -= self._storages.pop(i).nbytes()
-                else:
-                    i += 1
-            out = torch.empty(shape, dtype=dtype)
-            if self._bytes + nbytes <= self.limit_bytes:
-                self._storages.append(out.untyped_storage())
-                self._bytes += nbytes
-            return out
-
-    def clear(self) -> None:
-        with self._lock:
-            self._storages.clear()
-            self._bytes = 0
-
-
-_POOL = _BufferPool()
-
-
-def empty_buffer(shape, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
-    """``torch.empty`` that reuses a pooled storage on CPU (see ``_BufferPool``); plain elsewhere."""
-    if torch.device(device).type != "cpu" or torch.compiler.is_compiling():
-        return torch.empty(shape, dtype=dtype, device=device)
-    return _POOL.empty(shape, dtype)
-
-
-def clear_buffers() -> None:
-    """Drop every pooled CPU buffer (those still in use stay alive with their users)."""
-    _POOL.clear()
+__all__ = ["dispatch", "combine", "dispatch_rows", "combine_rows"]
 
 
 def _gather_rows(src_RD: torch.Tensor, rows: torch.Tensor, may_skip: bool, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moebal.dispatch import empty_buffer
+from moebal.workspace import empty_buffer
 from moebal.plan import DispatchPlan
 
 __all__ = ["GroupedExperts", "ACTIVATIONS", "EXPERT_PATHS", "activate", "expert_ffn", "grouped_matmul"]
@@ -176,7 +176,7 @@ class _LoopExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xs_RD, w_in_EDH, w_out_EFD, b_in_EH, b_out_ED, bounds, activation):
         R, D = xs_RD.shape
-        E, H, F_ = w_in_EDH.shape[0], w_in_EDH.shape[2], w_out_EFD.shape[1]
+        H, F_ = w_in_EDH.shape[2], w_out_EFD.shape[1]
         dtype, device = xs_RD.dtype, xs_RD.device
         swiglu = activation == "swiglu"
         sizes = _split_sizes(bounds, R)

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 import moebal
 from moebal import Router
-from moebal.dispatch import clear_buffers, combine_rows, dispatch_rows, empty_buffer
+from moebal.dispatch import combine_rows, dispatch_rows
+from moebal.workspace import clear_buffers, empty_buffer
 from moebal.experts import GroupedExperts, expert_ffn
 from moebal.plan import build_plan
 
@@ -298,9 +299,9 @@ def test_inference_mode_forward_matches_grad_mode():
 
 
 def test_buffer_pool_best_fit_and_eviction(monkeypatch):
-    from moebal import dispatch
+    from moebal import workspace
 
-    pool = dispatch._BufferPool()
+    pool = workspace._BufferPool()
     pool.limit_bytes = 3 << 20
     a = pool.empty((1 << 18,), torch.float32)  # 1 MiB
     ptr = a.data_ptr()
