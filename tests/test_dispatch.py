@@ -6,15 +6,7 @@ from hypothesis import given, settings, strategies as st
 from moebal.functional import combine, dispatch
 from moebal.plan import build_plan
 
-
-def _random_routing(T, E, K, seed, skew=None):
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(T, E, generator=g)
-    if skew is not None:
-        logits = logits + skew
-    idx = torch.argsort(logits, dim=-1, descending=True)[:, :K]
-    w = torch.rand(T, K, generator=g, dtype=torch.float64) + 0.1
-    return idx, w
+from _routing_cases import random_routing
 
 
 def _reference(x, ys_fn, idx, w, E, capacity, policy="position"):
@@ -68,7 +60,7 @@ CASES = [
 @pytest.mark.parametrize("T,D,E,K,cap", CASES)
 @pytest.mark.parametrize("policy", ["position", "weight"])
 def test_moe_roundtrip_matches_float64_loop(T, D, E, K, cap, policy):
-    idx, w = _random_routing(T, E, K, seed=T * 31 + E)
+    idx, w = random_routing(T, E, K, seed=T * 31 + E)
     x = torch.randn(T, D, dtype=torch.float64, generator=torch.Generator().manual_seed(7), requires_grad=True)
     w = w.clone().requires_grad_(True)
     W, fn = _expert_fn(E, D)
@@ -90,7 +82,7 @@ def test_moe_roundtrip_matches_float64_loop(T, D, E, K, cap, policy):
 
 def test_dispatch_gradient_is_sum_over_slots():
     T, D, E, K = 6, 3, 4, 3
-    idx, w = _random_routing(T, E, K, 0)
+    idx, w = random_routing(T, E, K, 0)
     x = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
     xs, plan = dispatch(x, idx, E, backend="torch")
     g = torch.randn_like(xs)
@@ -185,7 +177,7 @@ def test_plan_invariants_fuzzed(T, E, data):
 
 
 def test_plan_is_deterministic():
-    idx, _ = _random_routing(200, 7, 3, 1)
+    idx, _ = random_routing(200, 7, 3, 1)
     a, b = build_plan(idx, 7, 50), build_plan(idx, 7, 50)
     for f in ("counts_E", "kept_E", "row_of_pair_TK", "pair_of_row_R", "token_of_row_R", "group_ends_E"):
         assert torch.equal(getattr(a, f), getattr(b, f))

@@ -14,15 +14,7 @@ from moebal.workspace import clear_buffers, empty_buffer
 from moebal.experts import GroupedExperts, expert_ffn
 from moebal.plan import build_plan
 
-
-def _routing(T, E, K, seed, skew=None):
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(T, E, generator=g)
-    if skew is not None:
-        logits = logits + skew
-    idx = torch.argsort(logits, dim=-1, descending=True)[:, :K]
-    w = torch.rand(T, K, generator=g, dtype=torch.float64) + 0.1
-    return idx, w
+from _routing_cases import random_routing
 
 
 def _act64(h, activation):
@@ -78,7 +70,7 @@ PATH_CASES = [("loop", c) for c in CASES] + [("grouped", c) for c in CASES if c[
 def test_expert_paths_match_float64_loop(path, case, activation, bias):
     T, D, F_, E, K, cap, skew = case
     skew_E = None if skew is None else torch.tensor([skew] + [0.0] * (E - 1))
-    idx, _ = _routing(T, E, K, seed=T * 7 + E, skew=skew_E)
+    idx, _ = random_routing(T, E, K, seed=T * 7 + E, skew=skew_E)
     plan = build_plan(idx, E, cap)
     gen = torch.Generator().manual_seed(1)
     xs = torch.randn(plan.num_rows, D, generator=gen, dtype=torch.float64)
@@ -199,7 +191,7 @@ def test_loop_and_grouped_paths_agree_in_fp32_with_capacity_drops():
 
 def test_frozen_expert_weights_and_no_grad_inputs():
     E, D, F_ = 4, 8, 6
-    idx, _ = _routing(10, E, 2, seed=9)
+    idx, _ = random_routing(10, E, 2, seed=9)
     plan = build_plan(idx, E)
     xs = torch.randn(plan.num_rows, D, dtype=torch.float64, requires_grad=True)
     w_in, w_out, _, _ = _params(E, D, F_, "swiglu", False, torch.float64, seed=4)
@@ -260,7 +252,7 @@ def test_bad_path_is_rejected():
 
 def test_dispatch_combine_roundtrip_uses_pooled_buffers_safely():
     """Outputs of dispatch/combine that a caller keeps stay intact across later calls."""
-    idx, w = _routing(64, 8, 2, seed=11)
+    idx, w = random_routing(64, 8, 2, seed=11)
     plan = build_plan(idx, 8)
     x = torch.randn(64, 1024)
     xs1 = dispatch_rows(x, plan)
@@ -320,7 +312,7 @@ def test_loop_path_with_small_activation_blocks(monkeypatch, cap):
     """Many row blocks (one expert each or a few): same values and gradients as one block."""
     from moebal import experts
 
-    idx, _ = _routing(40, 6, 2, seed=13)
+    idx, _ = random_routing(40, 6, 2, seed=13)
     plan = build_plan(idx, 6, cap)
     xs = torch.randn(plan.num_rows, 8, dtype=torch.float64, requires_grad=True)
     w_in, w_out, b_in, b_out = _params(6, 8, 5, "swiglu", True, torch.float64, seed=14)
