@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from moebal.assignment_graph import MoveGraph, repair_phase
+from moebal.assignment_graph import MoveGraph, repair_phase, shed
 from moebal.assignment_approx import (
     check_scores,
     quantile_assignment,
@@ -49,8 +49,9 @@ __all__ = [
 SOLVERS = ("exact", "sinkhorn", "quantile")
 
 _MAX_PRICE_ROUNDS = 8
-_ROUND_COST_ELEMENTS = 25_000  # a price round over T*E scores ~ one repair phase per this many
-_REL_TOL = 1e-12
+_SHED_MIN = 4  # experts this far over capacity shed their excess by a price raise
+_SHED_MAX = 4  # at most this many per repair step
+_ROUND_COST_ELEMENTS = 10_000  # a price round over T*E scores costs about one repair step per this many
 
 
 def _cost_matrix(v_TE, idx_TK, member_TE):
@@ -131,6 +132,34 @@ def _cancel_negative_cycles(s_TE, idx_TK, member_TE, tol: float) -> None:
             _apply_moves(idx_TK, member_TE, tok, slot, [a], [b])
 
 
+def _repair(g: MoveGraph, C: int) -> int:
+    """Balance g's loads at C while keeping it optimal for its loads; returns the steps."""
+    sheds = 0
+    for step in range(g.N + 1):
+        excess = (g.load_E - C).tolist()
+        if max(excess) <= 0:
+            return step
+        heavy = sorted((x, e) for e, x in enumerate(excess) if x >= _SHED_MIN)[-_SHED_MAX:]
+        if heavy and sheds < 2 * g.E:
+            # an overloaded expert feeds few disjoint shortest paths: shed its excess at once
+            for x, e in reversed(heavy):
+                shed(g, e, x)
+            sheds += len(heavy)
+        elif repair_phase(g, excess) == 0:
+            raise RuntimeError("balanced_assignment: no augmenting path found")
+    raise RuntimeError("balanced_assignment: repair did not converge")
+
+
+def _tie_breaker(T: int, E: int, device) -> torch.Tensor:
+    """A deterministic pseudo-random ``[T, E]`` float64 in [0, 1): a splitmix64-style hash
+    of the entry's index (int64 arithmetic wraps), so no sum f(t) + g(e) can cancel it."""
+    z = torch.arange(T * E, dtype=torch.int64, device=device).view(T, E)
+    z = (z ^ (z >> 30)) * -4658895280553007687  # 0xBF58476D1CE4E5B9 as a signed int64
+    z = (z ^ (z >> 27)) * -7723592293110705685  # 0x94D049BB133111EB
+    z = z ^ (z >> 31)
+    return (z & ((1 << 53) - 1)).to(torch.float64) * 2.0**-53
+
+
 def _certify(s_TE, p_E, idx_TK, tol: float) -> bool:
     """Complementary slackness: every token holds a top-k of ``s - p`` (within tol).
 
@@ -166,10 +195,11 @@ def balanced_assignment(scores_TE: torch.Tensor, top_k: int = 1) -> torch.Tensor
     Returns:
         ``indices_TK`` int64 on the scores' device: every expert appears exactly
         ``C = T*K/E`` times, a token's K experts are distinct, and the total score is
-        the optimum of the transportation LP (to ~1e-12 of the score range per token;
-        exactly on integer-valued scores). Per token, experts are ordered by descending
-        score, ties toward the lower expert index. Among several optimal assignments
-        the result is deterministic for a given input and device.
+        the optimum of the transportation LP: exactly for integer-valued scores (when
+        ``max|s| * T*K < 2^38``), and within ``T*K * 2^-33 * max|s|`` otherwise (ties
+        are broken by a tiny fixed perturbation). Per token, experts are ordered by
+        descending score, ties toward the lower expert index. Among several optimal
+        assignments the result is deterministic for a given input.
 
     Raises:
         TypeError / ValueError: see :func:`moebal.assignment_approx.check_scores`.
@@ -182,25 +212,28 @@ def balanced_assignment(scores_TE: torch.Tensor, top_k: int = 1) -> torch.Tensor
         return torch.empty(0, K, dtype=torch.long, device=dev)
     if K == E:  # every token takes every expert
         return _order_by_score(s_TE, torch.arange(E, device=dev).expand(T, E).contiguous())
-    tol = _REL_TOL * max(scale, 1e-300)
+    # Break ties: optimise s + eps*f with f in [0, 1) a fixed hash of (token, expert) that
+    # no row or column shift can cancel. Plateaus of equal scores (constant or coarsely
+    # quantised routers) would otherwise stall every part of the solver. The optimum
+    # moves by at most T*K*eps <= 1/4 (so integer scores stay exactly optimal) and
+    # <= T*K * 2^-33 * max|s| (negligible for float scores).
+    scale = scale if scale > 0 else 1.0
+    eps = max(min(scale * 2.0**-33, 0.25 / (T * K)), scale * 2.0**-40)
+    s_TE = s_TE + eps * _tie_breaker(T, E, dev)
+    tol = eps / 64  # the certificate must see the perturbation, not rounding noise
     # price rounds cost ~T*E each, repair phases a roughly fixed overhead: stop the rounds
     # once the excess left is worth fewer phases than another round would cost
     p_E = quantile_prices(
-        scores_TE.detach().t().float().contiguous(), K, _MAX_PRICE_ROUNDS,
+        s_TE.t().contiguous(), K, _MAX_PRICE_ROUNDS,
         stop_excess=T * E // _ROUND_COST_ELEMENTS,
-    ).double()
+    )
     g = MoveGraph(s_TE, p_E, topk_indices(s_TE - p_E, K))
-    for _ in range(T * K + 1):
-        excess = (g.load_E - C).tolist()
-        if max(excess) <= 0:
-            break
-        if repair_phase(g, excess) == 0:
-            raise RuntimeError("balanced_assignment: no augmenting path found")
+    _repair(g, C)
     idx_TK = g.indices()
     if not _certify(s_TE, g.p_E, idx_TK, tol):
         member_TE = torch.zeros(T, E, dtype=torch.bool, device=dev).scatter_(1, idx_TK, True)
         _cancel_negative_cycles(s_TE, idx_TK, member_TE, tol)
-    return _order_by_score(s_TE, idx_TK)
+    return _order_by_score(scores_TE.detach(), idx_TK)
 
 
 def assign(scores_TE: torch.Tensor, top_k: int = 1, solver: str = "exact", **kwargs) -> torch.Tensor:

@@ -74,9 +74,19 @@ class MoveGraph:
 
     def _build(self) -> None:
         table_EL = self._table()
-        cost_ELE = self._costs(table_EL, self.rows_E1.squeeze(1))
-        self.R_EE, at_EE = cost_ELE.min(1)  # first minimum: the lowest pair id
-        self.arg_EE = table_EL.gather(1, at_EE)
+        if table_EL.numel() <= 2 * self.N:  # loads near balance: reduce a padded [E, L, E]
+            cost_ELE = self._costs(table_EL, self.rows_E1.squeeze(1))
+            self.R_EE, at_EE = cost_ELE.min(1)  # first minimum: the lowest pair id
+            self.arg_EE = table_EL.gather(1, at_EE)
+        else:  # skewed loads: scatter from the N pairs, no padding
+            pair_N = torch.arange(self.N, device=self.idx_N.device)
+            cost_NE = self._costs(pair_N.unsqueeze(1), self.idx_N).squeeze(1)
+            row_NE = self.idx_N.unsqueeze(1).expand(-1, self.E)
+            self.R_EE = torch.full((self.E, self.E), math.inf, dtype=cost_NE.dtype, device=cost_NE.device)
+            self.R_EE.scatter_reduce_(0, row_NE, cost_NE, "amin")
+            pid_NE = torch.where(cost_NE == self.R_EE[self.idx_N], pair_N.unsqueeze(1), self.N)
+            self.arg_EE = torch.full((self.E, self.E), self.N, dtype=torch.long, device=cost_NE.device)
+            self.arg_EE.scatter_reduce_(0, row_NE, pid_NE, "amin")
         self.arg_EE.masked_fill_(torch.isinf(self.R_EE), self.N)
 
     def shift_prices(self, delta_E: torch.Tensor) -> None:
@@ -137,6 +147,32 @@ class MoveGraph:
             0, row_P.unsqueeze(1).expand(-1, self.E), pid_PE, "amin")
         self.arg_EE = torch.where(better_EE, new_arg_EE, self.arg_EE)
         self.R_EE = best_EE
+
+
+def shed(g: MoveGraph, e: int, excess: int) -> None:
+    """Raise expert e's price just enough that ``excess`` of its pairs leave, exactly.
+
+    A pair's margin is ``s - p`` on e minus its token's best expert not yet held; the
+    ``excess`` smallest-margin pairs move to that expert and p[e] rises by the midpoint
+    of the excess-th and (excess+1)-th margins. Every token still holds a top-k of
+    ``s - p`` afterwards (movers sit at or below their new expert, stayers above it), so
+    the assignment stays optimal for its loads; the excess lands on other experts.
+    """
+    pair_P = (g.idx_N == e).nonzero().squeeze(1)
+    tok_P = pair_P // g.K
+    v_PE = g.s_TE[tok_P] - g.p_E
+    own_P = v_PE[:, e].clone()
+    v_PE[:, e] = -math.inf
+    if g.member_TE is not None:
+        v_PE.masked_fill_(g.member_TE[tok_P], -math.inf)
+    alt_P, to_P = v_PE.max(1)
+    margin_P, order_P = torch.sort(own_P - alt_P, stable=True)
+    raise_ = 0.5 * (margin_P[excess - 1] + margin_P[excess])
+    delta_E = torch.zeros_like(g.p_E)
+    delta_E[e] = -raise_
+    g.shift_prices(delta_E)
+    go_X = order_P[:excess]
+    g.move(pair_P[go_X].tolist(), to_P[go_X].tolist())
 
 
 def shortest_paths(R_EE: torch.Tensor, dist_E: torch.Tensor):

@@ -233,6 +233,28 @@ def test_no_grad_and_non_contiguous():
     assert_optimal(scores.detach(), idx, 2)
 
 
+def test_fast_path_certifies_itself(monkeypatch):
+    # the price/repair path must end with a passing complementary-slackness certificate on
+    # ordinary and adversarial inputs alike; the cycle-cancelling fallback is a safety net
+    import moebal.assignment as mod
+
+    def no_fallback(*args):
+        raise AssertionError("certificate failed: fell back to cycle cancelling")
+
+    monkeypatch.setattr(mod, "_cancel_negative_cycles", no_fallback)
+    g = gen(17)
+    cases = [
+        (torch.randn(1024, 64, generator=g), 1),
+        (torch.randn(1024, 64, generator=g, dtype=torch.float64) * 1e6, 2),
+        (torch.randint(0, 3, (512, 16), generator=g).float(), 2),
+        (torch.rand(512, 16, generator=g) + torch.eye(16)[5] * 100, 1),  # one expert wanted by all
+        (torch.randn(512, 4, generator=g) @ torch.randn(4, 32, generator=g), 1),
+        (torch.zeros(64, 8), 3),
+    ]
+    for scores, K in cases:
+        assert_valid(scores, balanced_assignment(scores, K), K)
+
+
 def test_fallback_cycle_cancelling_reaches_optimum():
     # a balanced but poor start (round-robin seats); cancelling negative cycles alone must
     # reach the LP optimum: this is the safety net behind the certificate
