@@ -5,23 +5,28 @@ small "move one token from expert i to expert j" graph.
 
 The problem is the transportation LP  max sum s*x  s.t. rows sum to K, columns to C,
 0 <= x <= 1, whose optima are integral. Its dual has one price per expert: with prices
-p, a token that takes its top-k of ``s - p`` is optimal for whatever loads result, so
-the solver is
+p, a token that takes its top-k of ``s - p`` is optimal for whatever loads result. The
+solver keeps that invariant throughout and only moves loads:
 
-1. prices: a few Jacobi rounds of per-expert quantile updates (``quantile_prices``);
+0. ties: a fixed hash perturbation far below the scores' resolution makes the optimum
+   unique, so plateaus of equal scores cannot stall the steps below;
+1. prices: Jacobi rounds of per-expert quantile updates (``quantile_prices``), stopped
+   once the excess left is cheaper to repair than another round;
 2. start: each token takes its top-k of ``s - p``; loads are then close to C;
-3. repair (successive shortest paths with potentials): on the E x E graph whose edge
+3. repair (``moebal.assignment_graph``): an expert far over C sheds its excess at once
+   by a price raise that moves exactly that many tokens to their next-best expert;
+   otherwise successive shortest paths with potentials on the E x E graph whose edge
    i -> j costs the cheapest reduced-cost move of a token from i to j (a token already
-   on j cannot move there, which is what keeps experts distinct for K > 1), run
-   Bellman-Ford from all overloaded experts, lower each price by its distance (all
-   reduced costs stay >= 0, shortest-path edges become 0), and move tokens along
-   edge-disjoint tree paths to underloaded experts; repeat until balanced;
-4. certificate: every reduced cost of the final graph is >= -tol, i.e. no negative
-   cycle, i.e. optimal (within T*K*tol; exact on integer scores). If rounding ever
-   breaks this, plain negative-cycle cancelling finishes the job.
+   on j cannot move there, which keeps experts distinct for K > 1): Bellman-Ford from
+   all overloaded experts, each price drops by its distance (reduced costs stay >= 0,
+   shortest-path edges become 0), and tokens move along edge-disjoint tree paths to
+   underloaded experts; repeat until balanced;
+4. certificate: complementary slackness, every token holds a top-k of ``s - p`` within
+   tol, so no cycle of moves can gain and the balanced assignment is optimal. If
+   rounding ever broke that, negative-cycle cancelling would finish the job.
 
 Everything is torch tensor ops on the scores' device; the loop syncs with the host once
-per phase (a handful of phases in practice).
+or twice per repair step (a handful to a few dozen steps in practice).
 """
 from __future__ import annotations
 
@@ -150,14 +155,19 @@ def _repair(g: MoveGraph, C: int) -> int:
     raise RuntimeError("balanced_assignment: repair did not converge")
 
 
-def _tie_breaker(T: int, E: int, device) -> torch.Tensor:
-    """A deterministic pseudo-random ``[T, E]`` float64 in [0, 1): a splitmix64-style hash
-    of the entry's index (int64 arithmetic wraps), so no sum f(t) + g(e) can cancel it."""
-    z = torch.arange(T * E, dtype=torch.int64, device=device).view(T, E)
-    z = (z ^ (z >> 30)) * -4658895280553007687  # 0xBF58476D1CE4E5B9 as a signed int64
-    z = (z ^ (z >> 27)) * -7723592293110705685  # 0x94D049BB133111EB
-    z = z ^ (z >> 31)
-    return (z & ((1 << 53) - 1)).to(torch.float64) * 2.0**-53
+def _add_tie_breaker(s_TE: torch.Tensor, eps: float) -> None:
+    """``s += eps * f`` in place, f a deterministic pseudo-random ``[T, E]`` in [0, 1): a
+    splitmix64-style hash of the entry's index (int64 arithmetic wraps), so no sum
+    f(t) + g(e) can cancel it. Two int64 buffers, reused (fresh pages are slow)."""
+    z = torch.arange(s_TE.numel(), dtype=torch.int64, device=s_TE.device).view_as(s_TE)
+    tmp = torch.empty_like(z)
+    for shift, mult in ((30, -4658895280553007687), (27, -7723592293110705685), (31, 1)):
+        torch.bitwise_right_shift(z, shift, out=tmp)  # 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+        z.bitwise_xor_(tmp)
+        if mult != 1:
+            z.mul_(mult)
+    z.bitwise_and_((1 << 53) - 1)
+    s_TE.add_(z, alpha=eps * 2.0**-53)
 
 
 def _certify(s_TE, p_E, idx_TK, tol: float) -> bool:
@@ -219,7 +229,9 @@ def balanced_assignment(scores_TE: torch.Tensor, top_k: int = 1) -> torch.Tensor
     # <= T*K * 2^-33 * max|s| (negligible for float scores).
     scale = scale if scale > 0 else 1.0
     eps = max(min(scale * 2.0**-33, 0.25 / (T * K)), scale * 2.0**-40)
-    s_TE = s_TE + eps * _tie_breaker(T, E, dev)
+    if s_TE.data_ptr() == scores_TE.data_ptr():
+        s_TE = s_TE.clone()  # float64 input: never write into the caller's tensor
+    _add_tie_breaker(s_TE, eps)
     tol = eps / 64  # the certificate must see the perturbation, not rounding noise
     # price rounds cost ~T*E each, repair phases a roughly fixed overhead: stop the rounds
     # once the excess left is worth fewer phases than another round would cost

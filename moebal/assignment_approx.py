@@ -53,11 +53,15 @@ _RANK_CAP = 32  # larger quantile ranks are read off a strided subsample (a big 
 _SUB_RANKS = 64
 
 
-def _kth_largest_values(v_ET: torch.Tensor, count: int) -> list[torch.Tensor]:
-    """The ``count`` largest distinct values of each column of v_ET, as ``[T]`` tensors."""
+def _kth_largest_values(v_ET, count: int, work_ET, mask_ET) -> list[torch.Tensor]:
+    """The ``count`` largest distinct values of each column of v_ET, as ``[T]`` tensors
+    (``work_ET`` and the bool ``mask_ET`` are scratch of v's shape)."""
     vals = [v_ET.amax(0)]
+    neg_inf = torch.tensor(-math.inf, dtype=v_ET.dtype, device=v_ET.device)
     for _ in range(count - 1):
-        nxt = torch.where(v_ET < vals[-1], v_ET, -math.inf).amax(0)
+        torch.lt(v_ET, vals[-1], out=mask_ET)
+        torch.where(mask_ET, v_ET, neg_inf, out=work_ET)
+        nxt = work_ET.amax(0)
         vals.append(torch.where(nxt == -math.inf, vals[-1], nxt))  # ties: repeat the value
     return vals
 
@@ -71,7 +75,7 @@ def _rank_midpoint(dist_ET: torch.Tensor, rank_E: torch.Tensor, rmax: int) -> to
 
 def quantile_prices(
     s_ET: torch.Tensor, top_k: int, num_rounds: int, price_E: torch.Tensor | None = None,
-    damping: tuple[float, ...] = (1.0, 1.0, 0.7, 0.6, 0.5), stop_excess: int = 0,
+    damping: tuple[float, ...] = (1.0, 1.0, 0.8, 0.8, 0.7), stop_excess: int = 0,
 ) -> torch.Tensor:
     """Expert prices ``[E]`` from ``num_rounds`` Jacobi rounds of per-expert quantile updates.
 
@@ -92,19 +96,26 @@ def quantile_prices(
     p_E = torch.zeros(E, dtype=s_ET.dtype, device=s_ET.device) if price_E is None else price_E.clone()
     if E == 1 or K == E or T == 0:
         return p_E
+    # scratch reused by every round: fresh [E, T] allocations cost more than the math
+    v_ET = torch.empty_like(s_ET)
+    dist_ET = torch.empty_like(s_ET)
+    member_ET = torch.empty(s_ET.shape, dtype=torch.bool, device=s_ET.device)
     for r in range(num_rounds):
-        v_ET = s_ET - p_E.unsqueeze(1)
-        vals = _kth_largest_values(v_ET, K + 1)
+        torch.sub(s_ET, p_E.unsqueeze(1), out=v_ET)
+        vals = _kth_largest_values(v_ET, K + 1, dist_ET, member_ET)
         kth_T, next_T = vals[K - 1], vals[K]
-        member_ET = v_ET >= kth_T
+        torch.ge(v_ET, kth_T, out=member_ET)
         load_E = torch.count_nonzero(member_ET, dim=1)
         rank_E = (load_E - C).abs()
         rmax, excess = torch.stack([rank_E.max(), (load_E - C).clamp(min=0).sum()]).tolist()
         if excess <= stop_excess or rmax == 0:
             break
-        # distance of each token to the boundary, on the side where expert e must move
-        dist_ET = torch.where(member_ET, v_ET - next_T, kth_T - v_ET)
-        dist_ET.masked_fill_(member_ET != (load_E > C).unsqueeze(1), math.inf)
+        # distance of each token to the boundary, on the side where expert e must move:
+        # members v - next (>= 0), non-members kth - v (> 0)
+        torch.sub(kth_T, v_ET, out=dist_ET)
+        v_ET.sub_(next_T)
+        torch.where(member_ET, v_ET, dist_ET, out=dist_ET)
+        dist_ET.masked_fill_(member_ET.ne_((load_E > C).unsqueeze(1)), math.inf)
         rc = min(rmax, _RANK_CAP)
         mid_E = _rank_midpoint(dist_ET, rank_E.clamp(max=rc), rc)
         if rmax > rc:  # far from balance: estimate large ranks on a strided subsample

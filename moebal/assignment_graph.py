@@ -1,4 +1,4 @@
-"""The E x E move graph behind the exact balanced assignment, and its repair phase.
+"""The E x E move graph behind the exact balanced assignment, and its repair steps.
 
 Shape legend: T tokens, E experts, K top-k, N = T*K (token, slot) pairs, L = the most
 pairs any expert holds, Q entries of the graph being recomputed.
@@ -8,6 +8,9 @@ The graph entry ``R_EE[i, j]`` is the cheapest reduced-cost move of a pair from 
 to expert j: min over pairs n on i whose token is not on j of
 ``(s[t, i] - p[i]) - (s[t, j] - p[j])``, and ``arg_EE[i, j]`` is that pair (the lowest
 id among ties; N when there is none, with R = inf).
+
+Both repair steps keep every token on a top-k of ``s - p``: ``shed`` raises one price,
+``repair_phase`` lowers prices by shortest-path distances and moves along 0-cost edges.
 """
 from __future__ import annotations
 
