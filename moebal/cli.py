@@ -82,7 +82,8 @@ def _add_compare(sub) -> None:
     )
     p.add_argument("--policies", type=_policies, default=",".join(DEFAULT_POLICIES),
                    help=f"comma list of policies (default: %(default)s); names: {NAMES_HELP}")
-    p.add_argument("--steps", type=_positive_int, default=c.steps, help="training steps per policy (default: %(default)s)")
+    p.add_argument("--steps", type=_positive_int, default=c.steps,
+                   help="training steps per policy (default: %(default)s)")
     p.add_argument("--device", type=_device, default="cpu", help="cpu or cuda (default: %(default)s)")
     p.add_argument("--out", default="moebal-compare", help="output directory (default: ./%(default)s)")
     p.add_argument("--seed", type=int, default=c.seed, help="init and data-order seed (default: %(default)s)")
@@ -96,14 +97,16 @@ def _add_compare(sub) -> None:
     p.add_argument("--layers", type=_positive_int, default=m.layers, help="transformer blocks (default: %(default)s)")
     p.add_argument("--d-model", type=_positive_int, default=m.d_model, help="model width (default: %(default)s)")
     p.add_argument("--heads", type=_positive_int, default=m.heads, help="attention heads (default: %(default)s)")
-    p.add_argument("--experts", type=_positive_int, default=m.num_experts, help="experts per layer (default: %(default)s)")
+    p.add_argument("--experts", type=_positive_int, default=m.num_experts,
+                   help="experts per layer (default: %(default)s)")
     p.add_argument("--expert-hidden", type=_positive_int, default=m.expert_hidden,
                    help="hidden width of each expert (default: %(default)s)")
     p.add_argument("--top-k", type=_positive_int, default=m.top_k, help="experts per token (default: %(default)s)")
     p.add_argument("--capacity-factor", type=_positive_float, default=None,
                    help="expert capacity factor; default: dropless, as in the loss-free paper")
-    p.add_argument("--threads", type=_positive_int, default=None,
-                   help="CPU threads for torch (default: torch's own choice; 1 is faster on a busy machine)")
+    p.add_argument("--threads", type=_positive_int, default=1,
+                   help="CPU threads for torch (default: %(default)s, which gives the same numbers on any machine "
+                        "and stays fast when other jobs share the cores)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs (results.json and the table only)")
     p.set_defaults(run=_run_compare, parser=p)
 
@@ -125,12 +128,15 @@ def _run_compare(args, parser) -> int:
         )
     except ValueError as err:
         parser.error(str(err))
-    if args.threads is not None:
-        import torch
+    import torch
 
-        torch.set_num_threads(args.threads)
     progress = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-    results = run_compare(cfg, args.policies, progress=progress)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        results = run_compare(cfg, args.policies, progress=progress)
+    finally:
+        torch.set_num_threads(threads_before)
     if args.no_plots:
         paths = {"json": write_results(results, f"{args.out}/results.json")}
     else:
@@ -172,9 +178,12 @@ def _add_bench(sub) -> None:
                    help="CPU threads; a comma list runs one full pass per count (default: 1)")
     p.add_argument("--repeats", type=_positive_int, default=5,
                    help="timed rounds; each implementation keeps its fastest (default: %(default)s)")
+    p.add_argument("--timer", choices=("auto", "cpu", "wall"), default="auto",
+                   help="auto: process CPU time with one thread (robust on shared cores), wall time with more")
     p.add_argument("--no-peers", action="store_true", help="skip the peer implementations")
     p.add_argument("--json", metavar="PATH", help="write the full result to this JSON file")
-    p.add_argument("--plot", metavar="PNG", help="draw a PNG from a saved JSON (--from JSON, or the --json just written)")
+    p.add_argument("--plot", metavar="PNG",
+                   help="draw a PNG from a saved JSON (--from JSON, or the --json just written)")
     p.add_argument("--from", dest="from_json", metavar="JSON", help="the saved JSON that --plot draws (no run)")
     p.set_defaults(run=_run_bench, parser=p)
 
@@ -199,7 +208,7 @@ def _run_bench(args, parser) -> int:
     threads = args.threads[0] if len(args.threads) == 1 else args.threads
     result = bench.run_layer_bench(
         configs=args.configs, dtypes=args.dtypes, modes=args.modes, threads=threads, peers=not args.no_peers,
-        repeats=args.repeats, progress=lambda line: print(line, file=sys.stderr, flush=True),
+        repeats=args.repeats, timer=args.timer, progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
     print(bench.format_table(result))
     if args.json:
@@ -213,8 +222,10 @@ def _run_bench(args, parser) -> int:
 
 def _add_info(sub) -> None:
     p = sub.add_parser("info", help="versions, device and which backend 'auto' picks",
-                       description="Print moebal/torch/triton versions, the device and the backend 'auto' picks, and why.")
-    p.add_argument("--device", type=_device, default=None, help="device to explain (default: cuda if present, else cpu)")
+                       description="Print moebal/torch/triton versions, the device and the backend 'auto' picks, "
+                                   "and why.")
+    p.add_argument("--device", type=_device, default=None,
+                   help="device to explain (default: cuda if present, else cpu)")
     p.set_defaults(run=_run_info, parser=p)
 
 
@@ -252,7 +263,9 @@ def _run_info(args, parser) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moebal", description="Mixture-of-Experts routing and load balancing for PyTorch.")
+    parser = argparse.ArgumentParser(
+        prog="moebal", description="Mixture-of-Experts routing and load balancing for PyTorch."
+    )
     sub = parser.add_subparsers(dest="command", metavar="{compare,bench,info}", required=True)
     _add_compare(sub)
     _add_bench(sub)

@@ -88,3 +88,18 @@ def test_python_dash_m_runs_the_cli():
     done = subprocess.run([sys.executable, "-m", "moebal", "compare", "--policies", "nope"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "unknown policy 'nope'" in done.stderr
+
+
+def test_bench_runs_saves_and_plots_from_the_saved_json(tmp_path, capsys):
+    pytest.importorskip("moebal.bench")
+    pytest.importorskip("matplotlib")
+    json_path, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    argv = ["bench", "--configs", "tiny", "--dtypes", "fp32", "--modes", "fwd", "--no-peers", "--repeats", "1",
+            "--json", str(json_path), "--plot", str(png)]
+    assert main(argv) == 0
+    assert "tiny" in capsys.readouterr().out
+    assert json.loads(json_path.read_text())["runs"]
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    again = tmp_path / "again.png"
+    assert main(["bench", "--plot", str(again), "--from", str(json_path)]) == 0
+    assert again.read_bytes()[:4] == b"\x89PNG"

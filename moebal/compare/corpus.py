@@ -87,20 +87,24 @@ class Corpus:
                 chunk_BS = windows_WS[order[start:start + batch]].long()
                 yield chunk_BS[:, :-1], chunk_BS[:, 1:]
 
-    def val_batches(self, batch: int, seq_len: int, max_tokens: int | None = None):
-        """Validation ``(inputs, targets)`` batches in stream order, at most ``max_tokens``.
+    def val_batches(self, batch: int, seq_len: int, max_tokens: int | None = None, split: str = "val"):
+        """Evaluation ``(inputs, targets)`` batches in stream order, at most ``max_tokens``.
 
         When the split holds more windows than ``max_tokens`` allows, windows are taken
         evenly spaced over the whole stream so every part of it is represented. Only
         full batches are used (BASE needs a fixed batch size); at least one is returned.
+        ``split="train"`` samples the training stream the same way (to tell a shift
+        between the splits from the balance a policy reached).
         """
-        windows_WS = _windows(self.val, seq_len)
+        if split not in ("val", "train"):
+            raise ValueError(f"split must be 'val' or 'train', got {split!r}")
+        windows_WS = _windows(self.val if split == "val" else self.train, seq_len)
         count = windows_WS.shape[0]
         if max_tokens is not None:
             count = min(count, max(batch, max_tokens // seq_len))
         count -= count % batch
         if count < batch:
-            raise ValueError(f"validation split has {windows_WS.shape[0]} windows of {seq_len + 1} bytes, need {batch}")
+            raise ValueError(f"{split} split has {windows_WS.shape[0]} windows of {seq_len + 1} bytes, need {batch}")
         pick = torch.linspace(0, windows_WS.shape[0] - 1, count).round().long()
         chosen_WS = windows_WS[pick].long()
         for start in range(0, count, batch):

@@ -36,7 +36,9 @@ def format_table(results: dict) -> str:
     header = [title for title, _, _ in _COLUMNS]
     rows = [_cells(p) for p in results["policies"]]
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     out = [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
     out.append(_footnote(results))
     return "\n".join(out)
@@ -45,7 +47,8 @@ def format_table(results: dict) -> str:
 def format_markdown_table(results: dict) -> str:
     header = [title for title, _, _ in _COLUMNS]
     rows = [_cells(p) for p in results["policies"]]
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    rule = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"
+    out = ["| " + " | ".join(header) + " |", rule]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(out)
 
@@ -142,6 +145,9 @@ def plot_load_heatmap(results: dict, path: str | Path) -> Path:
         ax.set_xlabel("expert")
         ax.set_ylabel("layer")
         ax.set_yticks(range(len(rows)))
+        if len(rows[0]) <= 32:
+            ax.set_xticks(range(len(rows[0])))
+            ax.tick_params(axis="x", labelsize=7)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     fig.colorbar(image, ax=axes.ravel().tolist(), label="validation load / mean load")

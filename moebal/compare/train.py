@@ -13,6 +13,14 @@ Measured per policy:
   dropless); ``overflow_frac_cf1``: the share a capacity factor of 1.0 would have dropped,
   over the same steps as ``maxvio_batch``.
 - ``tokens_per_s``: training tokens per second, wall clock of the training loop.
+
+Also recorded: ``maxvio_global_train`` (training counts summed over every step),
+``maxvio_global_train_last`` (summed over the last 20 % of steps) and
+``maxvio_global_train_eval`` (eval mode, as many training bytes as validation bytes), which
+separate an early transient and a train/validation shift from the balance reached;
+``score_spread_per_layer``
+(max - min over experts of the mean validation router score: the range a loss-free bias
+must cover, to compare with ``steps * rate``); and the final loss-free biases.
 """
 from __future__ import annotations
 
@@ -39,14 +47,14 @@ Progress = Callable[[str], None]
 @dataclass(frozen=True)
 class CompareConfig:
     steps: int = 300
-    batch: int = 16
+    batch: int = 8
     seq_len: int = 128
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup: int = 30
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    val_tokens: int = 131072
+    val_tokens: int = 65536
     last_frac: float = 0.2  # window of training steps that MaxVio_batch averages over
     seed: int = 0
     device: str = "cpu"
@@ -82,11 +90,12 @@ class CompareConfig:
 
 
 def _lr_at(cfg: CompareConfig, step: int) -> float:
-    """Linear warmup, then cosine decay to ``min_lr_ratio * lr`` at the last step."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    span = max(1, cfg.steps - cfg.warmup)
-    progress = min(1.0, (step - cfg.warmup) / span)
+    """Linear warmup (at most a tenth of the run), then cosine decay to ``min_lr_ratio * lr``."""
+    warmup = min(cfg.warmup, cfg.steps // 10)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    span = max(1, cfg.steps - warmup)
+    progress = min(1.0, (step - warmup) / span)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -107,33 +116,69 @@ def _overflow_frac(load_E: torch.Tensor, top_k: int, num_tokens: int, capacity_f
 def build_model(cfg: CompareConfig, policy: Policy) -> MoELM:
     """The model for ``policy``, initialised from ``cfg.seed`` (identical for every policy)."""
     m = cfg.model
-    torch.manual_seed(cfg.seed)
-    return MoELM(m, lambda: policy.make_router(m.d_model, m.num_experts, m.top_k))
+    with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG as it was
+        torch.manual_seed(cfg.seed)
+        return MoELM(m, lambda: policy.make_router(m.d_model, m.num_experts, m.top_k))
+
+
+def _eval_pass(model: MoELM, batches, device: torch.device, meter: BalanceMeter, score_sum_LE: torch.Tensor):
+    """Forward ``batches`` in eval mode: (summed cross-entropy in nats, tokens); fills ``meter`` and scores."""
+
+    def record_scores(i: int):
+        def hook(_module, _inputs, routing) -> None:
+            score_sum_LE[i] += routing.scores.detach().sum(0).double().cpu()
+
+        return hook
+
+    layers = model.moe_layers()
+    hooks = [layer.router.register_forward_hook(record_scores(i)) for i, (_, layer) in enumerate(layers)]
+    total_nats, total_tokens = 0.0, 0
+    model.eval()
+    try:
+        for inputs_BS, targets_BS in batches:
+            logits = model(inputs_BS.to(device))
+            total_nats += float(F.cross_entropy(logits.flatten(0, 1), targets_BS.to(device).flatten(), reduction="sum"))
+            total_tokens += targets_BS.numel()
+            for name, layer in layers:
+                meter.update(name, layer.last_stats.load)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train()
+    return total_nats, total_tokens
 
 
 @torch.no_grad()
 def evaluate(model: MoELM, corpus: Corpus, cfg: CompareConfig) -> dict:
-    """Validation bits per byte and balance (eval mode: BASE routes greedily)."""
+    """Validation bits per byte and balance, in eval mode (BASE routes greedily).
+
+    The same balance measure is also taken on as many training bytes, so that a shift
+    between the splits can be told apart from the balance a policy reached.
+    """
     device = torch.device(cfg.device)
-    model.eval()
-    meter = BalanceMeter()
-    total_nats, total_tokens = 0.0, 0
-    for inputs_BS, targets_BS in corpus.val_batches(cfg.batch, cfg.seq_len, cfg.val_tokens):
-        logits = model(inputs_BS.to(device))
-        total_nats += float(F.cross_entropy(logits.flatten(0, 1), targets_BS.to(device).flatten(), reduction="sum"))
-        total_tokens += targets_BS.numel()
-        for name, layer in model.moe_layers():
-            meter.update(name, layer.last_stats.load)
-    model.train()
-    layers = [name for name, _ in model.moe_layers()]
+    names = [name for name, _ in model.moe_layers()]
+    E = cfg.model.num_experts
+    val_meter, train_meter = BalanceMeter(), BalanceMeter()
+    score_sum_LE = torch.zeros(len(names), E, dtype=torch.float64)  # validation router scores per expert
+    nats, tokens = _eval_pass(
+        model, corpus.val_batches(cfg.batch, cfg.seq_len, cfg.val_tokens), device, val_meter, score_sum_LE
+    )
+    _eval_pass(
+        model, corpus.val_batches(cfg.batch, cfg.seq_len, cfg.val_tokens, split="train"), device, train_meter,
+        torch.zeros(len(names), E, dtype=torch.float64),
+    )
+    mean_score_LE = score_sum_LE / tokens
     return {
-        "val_loss_nats": total_nats / total_tokens,
-        "val_bpb": total_nats / total_tokens / math.log(2),
-        "val_tokens": total_tokens,
-        "maxvio_global": meter.maxvio_global(),
-        "maxvio_global_per_layer": [meter.maxvio_global(n) for n in layers],
-        "val_maxvio_batch": meter.maxvio_batch(),
-        "val_load": [meter.summed_load(n).tolist() for n in layers],
+        "val_loss_nats": nats / tokens,
+        "val_bpb": nats / tokens / math.log(2),
+        "val_tokens": tokens,
+        "maxvio_global": val_meter.maxvio_global(),
+        "maxvio_global_per_layer": [val_meter.maxvio_global(n) for n in names],
+        "val_maxvio_batch": val_meter.maxvio_batch(),
+        "maxvio_global_train_eval": train_meter.maxvio_global(),
+        "val_load": [val_meter.summed_load(n).tolist() for n in names],
+        # max - min over experts of the mean router score: the range a loss-free bias must span
+        "score_spread_per_layer": (mean_score_LE.max(1).values - mean_score_LE.min(1).values).tolist(),
     }
 
 
@@ -146,6 +191,8 @@ def train_policy(policy: Policy, corpus: Corpus, cfg: CompareConfig, progress: P
     layers = model.moe_layers()
     meter = BalanceMeter()
     losses, step_maxvio, overflow, routed, dropped = [], [], [], 0, 0
+    last = cfg.last_steps
+    last_load_LE = torch.zeros(len(layers), cfg.model.num_experts, dtype=torch.int64)  # summed over the last steps
     tokens_per_step = cfg.batch * cfg.seq_len
     batches = corpus.train_batches(cfg.batch, cfg.seq_len, cfg.seed)
     _sync(device)
@@ -163,26 +210,29 @@ def train_policy(policy: Policy, corpus: Corpus, cfg: CompareConfig, progress: P
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
 
+        # one device-to-host copy per step: loads and kept counts of every layer
+        load_LE, kept_LE = torch.stack(
+            [torch.stack((layer.last_stats.load, layer.last_stats.kept)) for _, layer in layers], dim=1
+        ).cpu()
         vios = []
-        for name, layer in layers:
-            stats = layer.last_stats
-            load = stats.load.detach().cpu()
-            meter.update(name, load)
-            vios.append(float(max_violation(load)))
-            overflow.append(_overflow_frac(load, cfg.model.top_k, tokens_per_step))
-            routed += int(load.sum())
-            dropped += int(load.sum() - stats.kept.detach().cpu().sum())
+        for (name, _), load_E in zip(layers, load_LE):
+            meter.update(name, load_E)
+            vios.append(float(max_violation(load_E)))
+            overflow.append(_overflow_frac(load_E, cfg.model.top_k, tokens_per_step))
+        if step >= cfg.steps - last:
+            last_load_LE += load_LE
+        routed += int(load_LE.sum())
+        dropped += int(load_LE.sum() - kept_LE.sum())
         losses.append(float(lm_loss.detach()))
-        step_maxvio.append(sum(vios) / len(vios))
+        step_maxvio.append(_mean(vios))
         if progress and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
             elapsed = time.perf_counter() - start
             rate = (step + 1) * tokens_per_step / elapsed
             eta = (cfg.steps - step - 1) * elapsed / (step + 1)
-            recent = losses[-cfg.log_every:]
+            loss_avg = _mean(losses[-cfg.log_every:])
             progress(
-                f"[{policy.name}] step {step + 1}/{cfg.steps}  loss {sum(recent) / len(recent):.3f} "
-                f"({sum(recent) / len(recent) / math.log(2):.3f} bpb)  maxvio_batch {step_maxvio[-1]:.3f}  "
-                f"{rate:,.0f} tok/s  eta {eta:.0f}s"
+                f"[{policy.name}] step {step + 1}/{cfg.steps}  loss {loss_avg:.3f} ({loss_avg / math.log(2):.3f} bpb)  "
+                f"maxvio_batch {_mean(step_maxvio[-cfg.log_every:]):.3f}  {rate:,.0f} tok/s  eta {eta:.0f}s"
             )
     _sync(device)
     train_seconds = time.perf_counter() - start
@@ -190,7 +240,6 @@ def train_policy(policy: Policy, corpus: Corpus, cfg: CompareConfig, progress: P
     eval_start = time.perf_counter()
     result = evaluate(model, corpus, cfg)
     eval_seconds = time.perf_counter() - eval_start
-    last = cfg.last_steps
     names = [name for name, _ in layers]
     n_layers = len(layers)
     result.update(
@@ -198,22 +247,28 @@ def train_policy(policy: Policy, corpus: Corpus, cfg: CompareConfig, progress: P
             "maxvio_batch": meter.maxvio_batch(last=last),
             "maxvio_batch_per_layer": [meter.maxvio_batch(n, last=last) for n in names],
             "maxvio_global_train": meter.maxvio_global(),
+            "maxvio_global_train_last": _mean([float(max_violation(load_E)) for load_E in last_load_LE]),
             "dropped_frac": dropped / max(1, routed),
-            "overflow_frac_cf1": sum(overflow[-last * n_layers:]) / (last * n_layers),
+            "overflow_frac_cf1": _mean(overflow[-last * n_layers:]),
             "tokens_per_s": cfg.steps * tokens_per_step / train_seconds,
             "train_seconds": train_seconds,
             "eval_seconds": eval_seconds,
-            "final_train_loss": sum(losses[-last:]) / last,
+            "final_train_loss": _mean(losses[-last:]),
             "history": {"loss": losses, "maxvio_batch": step_maxvio},
             "loss_free_bias": _biases(model),
         }
     )
     if progress:
         progress(
-            f"[{policy.name}] done in {train_seconds:.0f}s (+{eval_seconds:.0f}s eval)  val {result['val_bpb']:.4f} bpb  "
+            f"[{policy.name}] done in {train_seconds:.0f}s (+{eval_seconds:.0f}s eval)  "
+            f"val {result['val_bpb']:.4f} bpb  "
             f"MaxVio_global {result['maxvio_global']:.3f}  MaxVio_batch {result['maxvio_batch']:.3f}"
         )
     return {**policy.to_dict(), **result}
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def _biases(model: MoELM) -> list[list[float]] | None:
