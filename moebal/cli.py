@@ -76,8 +76,8 @@ def _add_compare(sub) -> None:
         description=(
             "Train one small byte-level MoE language model per balancing policy on the standard-library "
             "sources of this Python (no downloads; same init and data order for every policy) and report "
-            "validation bits per byte, MaxVio_global, MaxVio_batch, dropped tokens and tokens/s. "
-            "Writes results.json, maxvio_batch.png and load_heatmap.png to --out."
+            "validation bits per byte, MaxVio_global (validation), MaxVio_train and MaxVio_batch (training), "
+            "dropped tokens and tokens/s. Writes results.json, maxvio_batch.png and load_heatmap.png to --out."
         ),
     )
     p.add_argument("--policies", type=_policies, default=",".join(DEFAULT_POLICIES),

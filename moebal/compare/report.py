@@ -16,6 +16,7 @@ _COLUMNS = (
     ("policy", "name", "{}"),
     ("val bpb", "val_bpb", "{:.4f}"),
     ("MaxVio_global", "maxvio_global", "{:.3f}"),
+    ("MaxVio_train", "maxvio_global_train_last", "{:.3f}"),
     ("MaxVio_batch", "maxvio_batch", "{:.3f}"),
     ("dropped %", "dropped_frac", "{:.2%}"),
     ("over cap@1.0 %", "overflow_frac_cf1", "{:.2%}"),
@@ -60,8 +61,10 @@ def _footnote(results: dict) -> str:
     return (
         f"{cfg['steps']} steps x {cfg['batch']}x{cfg['seq_len']} bytes; {m['layers']} layers, d_model {m['d_model']}, "
         f"{m['num_experts']} experts (hidden {m['expert_hidden']}), top-{m['top_k']}, {cap}; "
-        f"MaxVio_global over {results['policies'][0].get('val_tokens', '?')} validation bytes, "
-        f"MaxVio_batch over the last {round(cfg['last_frac'] * 100)} % of steps; device {results['device']['device']}"
+        f"MaxVio_global over {results['policies'][0].get('val_tokens', '?')} validation bytes (eval mode); "
+        f"MaxVio_train (summed counts) and MaxVio_batch (mean per step) over the last "
+        f"{round(cfg['last_frac'] * 100)} % of training steps; device {results['device']['device']}, "
+        f"{results['device'].get('threads', '?')} thread(s)"
     )
 
 
