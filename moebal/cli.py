@@ -10,6 +10,7 @@ Progress goes to stderr, results to stdout. Bad options exit with status 2 and a
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 
 __all__ = ["main", "build_parser"]
@@ -128,6 +129,8 @@ def _run_compare(args, parser) -> int:
         )
     except ValueError as err:
         parser.error(str(err))
+    if not args.no_plots and importlib.util.find_spec("matplotlib") is None:
+        parser.error("the plots need matplotlib: pip install 'moebal[plot]', or pass --no-plots")
     import torch
 
     progress = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731

@@ -103,3 +103,13 @@ def test_bench_runs_saves_and_plots_from_the_saved_json(tmp_path, capsys):
     again = tmp_path / "again.png"
     assert main(["bench", "--plot", str(again), "--from", str(json_path)]) == 0
     assert again.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_without_matplotlib_fails_before_training(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    code, out = _exit_code(["compare", "--steps", "1"], capsys)
+    assert code == 2 and "pip install 'moebal[plot]', or pass --no-plots" in out.err
+    assert "corpus:" not in out.err  # nothing was trained
