@@ -18,13 +18,7 @@ TINY_MODEL = ModelConfig(layers=2, d_model=32, heads=2, num_experts=4, expert_hi
 TINY = CompareConfig(steps=10, batch=4, seq_len=16, lr=3e-3, warmup=2, val_tokens=256, log_every=5, model=TINY_MODEL)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine idle-waiting threads cost seconds."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
