@@ -184,6 +184,9 @@ def _add_bench(sub) -> None:
     p.add_argument("--timer", choices=("auto", "cpu", "wall"), default="auto",
                    help="auto: process CPU time with one thread (robust on shared cores), wall time with more")
     p.add_argument("--no-peers", action="store_true", help="skip the peer implementations")
+    p.add_argument("--floor", action="store_true",
+                   help="also time the per-expert GEMMs alone against the dense FFN's GEMMs (the GEMM floor "
+                        "no per-expert-GEMM MoE can beat)")
     p.add_argument("--json", metavar="PATH", help="write the full result to this JSON file")
     p.add_argument("--plot", metavar="PNG",
                    help="draw a PNG from a saved JSON (--from JSON, or the --json just written)")
@@ -211,7 +214,7 @@ def _run_bench(args, parser) -> int:
     threads = args.threads[0] if len(args.threads) == 1 else args.threads
     result = bench.run_layer_bench(
         configs=args.configs, dtypes=args.dtypes, modes=args.modes, threads=threads, peers=not args.no_peers,
-        repeats=args.repeats, timer=args.timer, progress=lambda line: print(line, file=sys.stderr, flush=True),
+        repeats=args.repeats, timer=args.timer, floor=args.floor, progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
     print(bench.format_table(result))
     if args.json:

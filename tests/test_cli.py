@@ -89,10 +89,12 @@ def test_bench_runs_saves_and_plots_from_the_saved_json(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     json_path, png = tmp_path / "bench.json", tmp_path / "bench.png"
     argv = ["bench", "--configs", "tiny", "--dtypes", "fp32", "--modes", "fwd", "--no-peers", "--repeats", "1",
-            "--json", str(json_path), "--plot", str(png)]
+            "--floor", "--json", str(json_path), "--plot", str(png)]
     assert main(argv) == 0
-    assert "tiny" in capsys.readouterr().out
-    assert json.loads(json_path.read_text())["runs"]
+    out = capsys.readouterr().out
+    assert "tiny" in out and "GEMM floor" in out
+    saved = json.loads(json_path.read_text())
+    assert saved["runs"] and saved["gemm_floor"][0]["ratio"] > 0
     assert png.read_bytes()[:4] == b"\x89PNG"
     again = tmp_path / "again.png"
     assert main(["bench", "--plot", str(again), "--from", str(json_path)]) == 0
