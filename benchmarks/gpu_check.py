@@ -12,6 +12,10 @@ Per shape (bf16, T = 16384; Mixtral, Qwen3-30B-A3B, DeepSeek-V2-Lite):
   the op is a copy, else max error of each against a float64 reference) and timings;
   achieved bandwidth against the minimum bytes ``T*D*b*(1+K) + 8*T*K`` (dropless) and
   against a device-to-device copy measured in the same run;
+- fused gather + first expert GEMM (``triton_gather_grouped_mm``, w_in ``[E, D, 2F]``),
+  forward and backward: max error of it and of its torch twin ``grouped_matmul(dispatch_rows
+  (x, plan), w, plan)`` against float64 on sampled rows / tokens / experts, bit-for-bit
+  repeatability, and timings against (Triton dispatch + ``grouped_matmul``), with TFLOP/s;
 - layer fwd+bwd: ``moebal.MoE`` (Triton and torch backends) vs (a) a torchtitan-style
   plain-torch MoE written here (stable argsort, ``x[idx]``, three grouped_mm,
   ``scatter_add``) and (b) the dense-equivalent SwiGLU FFN with hidden K*F.
@@ -269,7 +273,128 @@ def int64_offsets_check(device: torch.device) -> dict:
     ok_dispatch = bool(torch.equal(xs[rows_last], x[-1].expand(K, D)))
     y = triton_combine(xs, plan, torch.full((T, K), 1.0 / K, device=device))
     ok_combine = bool(torch.equal(y[-4:], x[-4:]))
-    return {"rows_times_D": plan.num_rows * D, "dispatch_ok": ok_dispatch, "combine_ok": ok_combine}
+    del xs, y
+    # fused gather-GEMM: R * H = 2**31 output elements
+    from moebal.triton_ops import triton_gather_grouped_mm
+
+    H = 2**31 // plan.num_rows + 128  # the last rows of h start past 2**31 elements
+    w = torch.randn(E, D, H, device=device, dtype=torch.bfloat16) / math.sqrt(D)
+    h = triton_gather_grouped_mm(x, w, plan)
+    last_rows = plan.token_of_row_R[-4:]  # the last expert's last rows
+    want = x[last_rows].float() @ w[E - 1].float()
+    ok_fused = bool(torch.allclose(h[-4:].float(), want, rtol=2e-2, atol=2e-2))
+    del h, w
+    return {"rows_times_D": plan.num_rows * D, "dispatch_ok": ok_dispatch, "combine_ok": ok_combine,
+            "rows_times_H": plan.num_rows * H, "fused_gather_gemm_ok": ok_fused}
+
+
+# --------------------------------------------------------------------------- fused gather-GEMM
+
+
+def _fp64_refs(x, w, plan, idx, dh, n_rows: int = 2048, n_tokens: int = 256) -> dict:
+    """float64 references of ``h = x[token(r)] @ w[e(r)]`` and its gradients, from the routing
+    indices: ``h`` on sampled rows, ``grad_x`` on sampled tokens, ``grad_w`` for three experts
+    (the fullest, the first, the last). One expert's weights are in float64 at a time."""
+    T, D = x.shape
+    E, R, dev = w.shape[0], plan.num_rows, x.device
+    rows = torch.linspace(0, max(R - 1, 0), min(n_rows, R), device=dev).long().unique()
+    tok_rows = plan.token_of_row_R[rows]
+    expert_rows = torch.searchsorted(plan.group_ends_E.long(), rows, right=True)
+    toks = torch.linspace(0, max(T - 1, 0), min(n_tokens, T), device=dev).long().unique()
+    pair_rows_nK, pair_experts_nK = plan.row_of_pair_TK[toks], idx[toks]
+    experts_w = sorted({int(plan.kept_E.argmax()), 0, E - 1})
+    h = torch.zeros(rows.shape[0], w.shape[2], dtype=torch.float64, device=dev)
+    gx = torch.zeros(toks.shape[0], D, dtype=torch.float64, device=dev)
+    gw = {}
+    for e in range(E):
+        sel = (expert_rows == e) & (tok_rows >= 0)
+        n, k = torch.nonzero((pair_experts_nK == e) & (pair_rows_nK >= 0), as_tuple=True)
+        if not bool(sel.any()) and n.numel() == 0 and e not in experts_w:
+            continue
+        w64 = w[e].double()
+        h[sel] = x[tok_rows[sel]].double() @ w64
+        gx.index_add_(0, n, dh[pair_rows_nK[n, k]].double() @ w64.T)
+        if e in experts_w:
+            pairs = torch.nonzero((idx == e) & (plan.row_of_pair_TK >= 0), as_tuple=True)
+            gw[e] = x[pairs[0]].double().T @ dh[plan.row_of_pair_TK[pairs]].double()
+    return {"rows": rows, "h": h, "tokens": toks, "grad_x": gx, "experts": experts_w,
+            "grad_w": torch.stack([gw[e] for e in experts_w])}
+
+
+def _errors_vs_fp64(got: dict, x, w, plan, idx, dh) -> tuple[list, dict]:
+    """Max error of the fused op and of the torch twin against the float64 references."""
+    ref = _fp64_refs(x, w, plan, idx, dh)
+    errs = {}
+    for what, i, at, key in (
+        ("h_sampled_rows", 0, ref["rows"], "h"),
+        ("grad_x_sampled_tokens", 1, ref["tokens"], "grad_x"),
+        ("grad_w_checked_experts", 2, ref["experts"], "grad_w"),
+    ):
+        want = ref[key]
+        e_f, e_t = _max_err(got["fused"][i][at], want), _max_err(got["torch_twin"][i][at], want)
+        scale = float(want.abs().max()) if want.numel() else 0.0
+        errs[what] = {"fused": e_f, "torch_twin": e_t, "ref_max_abs": scale,
+                      "within_2x_twin_plus_ulp": e_f <= 2 * e_t + torch.finfo(torch.bfloat16).eps * scale}
+    return ref["experts"], errs
+
+
+def _time_fwd_bwd(fn, x, w, plan, graph, dh, bench: Bench) -> tuple[float, float]:
+    """ms of ``fn`` without autograd, and of the backward of a kept graph (grad_x and grad_w)."""
+    with torch.no_grad():
+        fwd = bench(lambda: fn(x, w, plan))
+    h, xl, wl = graph
+    return fwd, bench(lambda: torch.autograd.grad(h, (xl, wl), dh, retain_graph=True))
+
+
+def fused_gemm_for_shape(T: int, D: int, F_: int, E: int, K: int, device: torch.device, bench: Bench) -> dict:
+    from moebal.dispatch import dispatch_rows
+    from moebal.experts import grouped_matmul
+    from moebal.plan import build_plan
+    from moebal.triton_ops import triton_dispatch, triton_gather_grouped_mm
+
+    H = 2 * F_  # w_in of a SwiGLU expert: gate then up
+    idx, _ = _routing(T, E, K, device, seed=1)
+    g = torch.Generator(device=device).manual_seed(2)
+    x = torch.randn(T, D, device=device, dtype=torch.bfloat16, generator=g)
+    w = torch.randn(E, D, H, device=device, dtype=torch.bfloat16, generator=g) / math.sqrt(D)
+    variants = {
+        "fused": lambda x_, w_, plan: triton_gather_grouped_mm(x_, w_, plan),
+        "dispatch_plus_grouped_mm": lambda x_, w_, plan: grouped_matmul(triton_dispatch(x_, plan), w_, plan),
+        "torch_twin": lambda x_, w_, plan: grouped_matmul(dispatch_rows(x_, plan, "torch"), w_, plan),
+    }
+    timed = ("fused", "dispatch_plus_grouped_mm")
+    out: dict = {"H": H}
+    for label, cap in (("dropless", None), ("capacity", max(1, math.ceil(CAPACITY_FACTOR * T * K / E)))):
+        plan = build_plan(idx, E, cap)
+        R, kept = plan.num_rows, int(plan.kept_E.sum())
+        res = out[label] = {"capacity": cap, "rows": R, "kept_pairs": kept, "xs_bytes_not_written": R * D * x.element_size()}
+        dh = torch.randn(R, H, device=device, dtype=torch.bfloat16, generator=g)
+        got, graphs = {}, {}
+        for name, fn in variants.items():
+            xl, wl = x.detach().requires_grad_(True), w.detach().requires_grad_(True)
+            h = fn(xl, wl, plan)
+            got[name] = (h.detach(), *torch.autograd.grad(h, (xl, wl), dh, retain_graph=name in timed))
+            if name in timed:
+                graphs[name] = (h, xl, wl)  # kept for the backward timing
+        h, xl, wl = graphs["fused"]
+        again = (triton_gather_grouped_mm(x, w, plan), *torch.autograd.grad(h, (xl, wl), dh, retain_graph=True))
+        res["deterministic"] = all(bool(torch.equal(a, b)) for a, b in zip(got["fused"], again))
+        res["padding_rows_zero"] = not bool(got["fused"][0][plan.pair_of_row_R < 0].any())
+        res["h_max_abs_diff_fused_vs_twin"] = _max_err(got["fused"][0], got["torch_twin"][0].double())
+        del again, h, xl, wl
+        res["grad_w_checked_experts"], res["max_err_vs_fp64"] = _errors_vs_fp64(got, x, w, plan, idx, dh)
+        del got
+        # timings: the forward without autograd, the backward (grad_x and grad_w) on a kept graph
+        ms: dict = {"fwd": {}, "bwd": {}}
+        for name in timed:
+            ms["fwd"][name], ms["bwd"][name] = _time_fwd_bwd(variants[name], x, w, plan, graphs.pop(name), dh, bench)
+        del dh
+        res["ms"] = ms
+        res["speedup_fused"] = {k: v["dispatch_plus_grouped_mm"] / v["fused"] for k, v in ms.items()}
+        flops = {"fwd": 2.0 * kept * D * H, "bwd": 4.0 * kept * D * H}
+        res["TFLOPs"] = {f"{k}_{name}": flops[k] / (v[name] * 1e-3) / 1e12 for k, v in ms.items() for name in v}
+    out["flops_formula"] = "fwd 2*kept*D*H, bwd 4*kept*D*H (grad_x and grad_w); capacity padding rows not counted"
+    return out
 
 
 # --------------------------------------------------------------------------- layer
@@ -438,6 +563,8 @@ def main(argv=None) -> int:
     for name, (D, F_, E, K) in shapes.items():
         entry = results["shapes"][name] = {"D": D, "F": F_, "E": E, "K": K, "T": T}
         _section(entry, "kernels", kernels_for_shape, T, D, E, K, device, bench, copy_GBps)
+        save()
+        _section(entry, "fused_gather_gemm", fused_gemm_for_shape, T, D, F_, E, K, device, bench)
         save()
         if not args.skip_layer:
             _section(entry, "layer", layer_for_shape, T, D, F_, E, K, device, bench)

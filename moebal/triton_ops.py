@@ -1,12 +1,18 @@
-"""Differentiable Triton dispatch/combine and the device-side plan builder.
+"""Differentiable Triton dispatch/combine, the gather-fused first expert GEMM, and the
+device-side plan builder.
 
-Shape legend: T tokens, D model dim, K top-k, E experts, R rows of ``xs`` (see plan.py).
+Shape legend: T tokens, D model dim, K top-k, E experts, R rows of ``xs`` (see plan.py),
+H width of the first expert GEMM (2F for SwiGLU).
 
 Each autograd Function here has its pure-torch twin in ``moebal.dispatch``
 (``_TritonDispatch`` ~ ``_TorchDispatch``, ``_TritonCombine`` ~ ``_TorchCombine``) and
 ``triton_build_plan`` returns the same ``DispatchPlan`` as ``build_plan`` (dropless or
 position-based drops), bit for bit. The kernels are in ``moebal.kernels``; callers go
 through ``moebal.dispatch`` / ``build_plan(..., backend=...)``, which decide the backend.
+
+``triton_gather_grouped_mm`` is ``grouped_matmul(dispatch_rows(x, plan), w, plan)``
+(``moebal.experts``, ``moebal.dispatch``) in one kernel that reads the rows of ``x`` by
+index, so ``xs`` is never materialised; it is called directly (no backend switch yet).
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ import torch
 
 from moebal.plan import DispatchPlan, _check_capacity, _check_indices
 
-__all__ = ["triton_build_plan", "triton_dispatch", "triton_combine"]
+__all__ = ["triton_build_plan", "triton_dispatch", "triton_combine", "triton_gather_grouped_mm"]
 
 
 def _load_kernels():
@@ -136,3 +142,78 @@ def triton_combine(ys_RD: torch.Tensor, plan: DispatchPlan, weights_TK: torch.Te
         ``y [T, D]`` in the dtype of ``ys``.
     """
     return _TritonCombine.apply(ys_RD, weights_TK, plan)
+
+
+class _TritonGatherGroupedMM(torch.autograd.Function):
+    """h[r] = x[token(r)] @ w[e(r)] (padding rows zero), never writing ``xs``.
+
+    Backward: ``grad_w[e] = x[tokens of e]^T @ grad_h[rows of e]`` (rows gathered by
+    index again), ``grad_xs = grad_h @ w[e]^T`` (the same grouped kernel on a transposed
+    view of w, no gather), then ``grad_x[t] = sum_k grad_xs[row(t, k)]`` (the dispatch
+    backward). No atomics anywhere: deterministic.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD: torch.Tensor, w_EDH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        ctx.plan = plan
+        ctx.save_for_backward(x_TD, w_EDH)
+        return _kernels.grouped_gemm(x_TD, w_EDH, plan.group_ends_E, plan.token_of_row_R, plan.kept_E)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_h_RH: torch.Tensor):
+        x_TD, w_EDH = ctx.saved_tensors
+        plan = ctx.plan
+        grad_h_RH = grad_h_RH.contiguous()
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = _kernels.grouped_gemm_wgrad(x_TD, grad_h_RH, plan.group_ends_E, plan.token_of_row_R, plan.kept_E)
+        if ctx.needs_input_grad[0]:
+            grad_xs_RD = _kernels.grouped_gemm(grad_h_RH, w_EDH.transpose(1, 2), plan.group_ends_E, None, plan.kept_E)
+            grad_x = _kernels.dispatch_rows_backward(grad_xs_RD, plan.row_of_pair_TK)
+        return grad_x, grad_w, None
+
+
+_GEMM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_gather_mm(x_TD, w_EDH, plan: DispatchPlan) -> None:
+    for name, t in (("x_TD", x_TD), ("w_EDH", w_EDH)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _GEMM_DTYPES:
+            raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+    if not isinstance(plan, DispatchPlan):
+        raise TypeError(f"plan must be a DispatchPlan, got {type(plan).__name__}")
+    if w_EDH.dtype != x_TD.dtype:
+        raise TypeError(f"w_EDH dtype {w_EDH.dtype} does not match x_TD dtype {x_TD.dtype}")
+    if x_TD.dim() != 2 or x_TD.shape[0] != plan.num_tokens:
+        raise ValueError(f"x_TD must have shape [T, D] with T = plan.num_tokens = {plan.num_tokens}, got {tuple(x_TD.shape)}")
+    if w_EDH.dim() != 3 or w_EDH.shape[0] != plan.num_experts or w_EDH.shape[1] != x_TD.shape[1]:
+        raise ValueError(
+            f"w_EDH must have shape [E, D, H] with E = plan.num_experts = {plan.num_experts} and "
+            f"D = {x_TD.shape[1]} (from x_TD), got {tuple(w_EDH.shape)}"
+        )
+    for name, t in (("w_EDH", w_EDH), ("plan.token_of_row_R", plan.token_of_row_R), ("plan.group_ends_E", plan.group_ends_E)):
+        if t.device != x_TD.device:
+            raise ValueError(f"{name} is on {t.device} but x_TD is on {x_TD.device}")
+
+
+def triton_gather_grouped_mm(x_TD: torch.Tensor, w_EDH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """Differentiable ``h[r] = x[token_of_row[r]] @ w[e(r)]``: dispatch and first expert GEMM in one kernel.
+
+    Equals ``grouped_matmul(dispatch_rows(x, plan), w, plan)`` without the ``[R, D]``
+    buffer: each program gathers a tile of rows of one expert's group from ``x`` by index.
+    Capacity padding rows of ``h`` are zero and add nothing to either gradient.
+
+    Args:
+        x_TD: ``[T, D]`` fp32/bf16/fp16 tokens, T = ``plan.num_tokens`` (gets a gradient).
+        w_EDH: ``[E, D, H]`` expert weights for ``x @ W``, the dtype of ``x`` (gets a gradient).
+        plan: the ``DispatchPlan`` (maps on the device of ``x``).
+
+    Returns:
+        ``h [R, H]`` in the dtype of ``x``, R = ``plan.num_rows``, accumulated in fp32 (fp32
+        inputs use TF32 on CUDA only when ``torch.backends.cuda.matmul.allow_tf32`` is set).
+    """
+    _check_gather_mm(x_TD, w_EDH, plan)
+    return _TritonGatherGroupedMM.apply(x_TD, w_EDH, plan)

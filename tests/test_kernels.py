@@ -457,11 +457,17 @@ def test_gpu_check_script_smoke(tmp_path):
            "--shapes", "tiny_top4_primeE", "--out", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    kernels = json.loads(out.read_text())["shapes"]["tiny_top4_primeE"]["kernels"]
+    shape = json.loads(out.read_text())["shapes"]["tiny_top4_primeE"]
+    kernels, fused = shape["kernels"], shape["fused_gather_gemm"]
     assert "error" not in kernels, kernels.get("error")
+    assert "error" not in fused, fused.get("traceback")
     for mode in ("dropless", "capacity"):
         assert kernels[mode]["plan_equal_to_build_plan"] and kernels[mode]["plan_deterministic"]
         assert kernels[mode]["dispatch_fwd"]["bit_equal_to_twin"]
+        # the fused gather-GEMM: repeatable, padding rows zero, as close to fp64 as the rule asks
+        assert fused[mode]["deterministic"] and fused[mode]["padding_rows_zero"]
+        assert all(e["within_2x_twin_plus_ulp"] for e in fused[mode]["max_err_vs_fp64"].values())
+        assert set(fused[mode]["ms"]["bwd"]) == {"fused", "dispatch_plus_grouped_mm"}
 
 
 # --------------------------------------------------------------------------- GPU only
