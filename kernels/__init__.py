@@ -6,7 +6,7 @@ autograd wiring lives in ``moebal.triton_ops`` next to the pure-torch twins.
 """
 from .combine import combine_rows, combine_rows_backward, zero_padding_rows
 from .dispatch import dispatch_rows, dispatch_rows_backward
-from .grouped_gemm import grouped_gemm, grouped_gemm_wgrad
+from .gather_gemm import grouped_gemm, grouped_gemm_wgrad
 from .plan import RoutingMetadata, routing_metadata
 
 __all__ = [

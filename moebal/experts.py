@@ -22,8 +22,10 @@ from moebal.plan import DispatchPlan
 __all__ = ["GroupedExperts", "ACTIVATIONS", "EXPERT_PATHS", "activate", "expert_ffn", "grouped_matmul"]
 
 # "loop": per-expert GEMMs into reused buffers (CPU); "grouped": grouped_mm/bmm (GPU,
-# torch.compile); "auto": loop for CPU tensors in eager mode, grouped otherwise
-EXPERT_PATHS = ("auto", "loop", "grouped")
+# torch.compile); "auto": loop for CPU tensors in eager mode, grouped otherwise;
+# "fused_gather" (GroupedExperts / MoE only, Triton backend): the first GEMM reads the token
+# rows by index (moebal.triton_ops.triton_gather_grouped_mm), so xs is never written
+EXPERT_PATHS = ("auto", "loop", "grouped", "fused_gather")
 
 # "gelu" is the exact erf GELU; "gelu_tanh" its tanh approximation (GPT-2's gelu_new)
 ACTIVATIONS = ("swiglu", "gelu", "gelu_tanh")
@@ -344,6 +346,11 @@ def expert_ffn(
     """
     if path not in EXPERT_PATHS:
         raise ValueError(f"path must be one of {EXPERT_PATHS}, got {path!r}")
+    if path == "fused_gather":
+        raise ValueError(
+            "path='fused_gather' reads the token rows, not xs: call GroupedExperts.forward_tokens(x_TD, plan) "
+            "(moebal.MoE does when experts.path is 'fused_gather')"
+        )
     if path == "auto":
         path = "loop" if xs_RD.device.type == "cpu" and not torch.compiler.is_compiling() else "grouped"
     if path == "loop":
@@ -398,6 +405,26 @@ class GroupedExperts(nn.Module):
         return expert_ffn(
             xs_RD, self.w_in_EDH.to(dtype), self.w_out_EFD.to(dtype), plan, self.activation, b_in, b_out, self.path
         )
+
+    def forward_tokens(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """The experts over the plan's rows, read straight from the tokens: ``ys [R, D]``.
+
+        Equal to ``self(dispatch_rows(x_TD, plan), plan)``, but the first GEMM gathers each
+        row of x by index inside the Triton kernel (``triton_gather_grouped_mm``), so the
+        dispatched ``xs [R, D]`` is never written or read back. Needs tensors the Triton
+        kernels can run on (CUDA, or the CPU under ``TRITON_INTERPRET=1``).
+        """
+        from moebal.triton_ops import triton_gather_grouped_mm
+
+        dtype = x_TD.dtype
+        h_RH = triton_gather_grouped_mm(x_TD, self.w_in_EDH.to(dtype), plan)
+        R = h_RH.shape[0]
+        if self.b_in_EH is not None:
+            h_RH = h_RH + _rows_of(self.b_in_EH.to(dtype), plan, R)
+        ys_RD = grouped_matmul(activate(h_RH, self.activation), self.w_out_EFD.to(dtype), plan)
+        if self.b_out_ED is not None:
+            ys_RD = ys_RD + _rows_of(self.b_out_ED.to(dtype), plan, R)
+        return ys_RD
 
     def extra_repr(self) -> str:
         return (

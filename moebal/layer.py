@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from moebal.backend import BACKENDS
+from moebal.backend import BACKENDS, resolve_backend
 from moebal.dispatch import combine_rows, dispatch_rows
 from moebal.experts import ACTIVATIONS, GroupedExperts, activate
 from moebal.plan import DROP_POLICIES, build_plan
@@ -137,8 +137,17 @@ class MoE(nn.Module):
             routing.indices, self.num_experts, self.capacity(x_TD.shape[0]), routing.weights, self.drop_policy,
             backend=self.backend,
         )
-        xs_RD = dispatch_rows(x_TD, plan, self.backend)
-        ys_RD = self.experts(xs_RD, plan)
+        if self.experts.path == "fused_gather":
+            if resolve_backend(self.backend, x_TD.device) != "triton":
+                raise ValueError(
+                    f"experts.path='fused_gather' runs the Triton gather-GEMM kernel, but backend={self.backend!r} "
+                    f"resolves to 'torch' for {x_TD.device.type} tensors; use backend='triton' (CUDA, or the CPU "
+                    "under TRITON_INTERPRET=1) or another experts.path"
+                )
+            ys_RD = self.experts.forward_tokens(x_TD, plan)
+        else:
+            xs_RD = dispatch_rows(x_TD, plan, self.backend)
+            ys_RD = self.experts(xs_RD, plan)
         y_TD = combine_rows(ys_RD, plan, routing.weights, self.backend)
         if self.shared is not None:
             shared_TD = self.shared(x_TD)

@@ -273,6 +273,52 @@ def test_argument_checks():
         K.grouped_gemm_wgrad(x, x.bfloat16(), plan.group_ends_E, plan.token_of_row_R)
 
 
+# --------------------------------------------------------------------------- the layer's opt-in path
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 0.75])
+@pytest.mark.parametrize("activation,bias", [("swiglu", False), ("gelu", True)])
+def test_moe_fused_gather_path_matches_the_dispatch_path(capacity_factor, activation, bias):
+    # MoE with experts.path = "fused_gather" (never writes xs) against the same layer on the
+    # torch dispatch path: output, grad of x and of every parameter (the op itself is held
+    # to float64 loops above; this checks the layer wiring: biases, padding rows, drops)
+    import copy
+
+    import moebal
+
+    torch.manual_seed(0)
+    ref = moebal.MoE(24, 16, 5, 2, router="aux_loss", capacity_factor=capacity_factor, activation=activation,
+                     ffn_bias=bias, backend="torch").to(DEVICE)
+    fused = copy.deepcopy(ref)
+    fused.backend, fused.experts.path = "triton", "fused_gather"
+    x = torch.randn(2, 9, 24, device=DEVICE)
+    outs = []
+    for m in (ref, fused):
+        xi = x.clone().requires_grad_(True)
+        y = m(xi)
+        (y * torch.linspace(-1, 1, y.numel(), device=DEVICE).view_as(y)).sum().backward()
+        outs.append((y, xi.grad, {n: p.grad for n, p in m.named_parameters()}, m.last_stats))
+    (y0, gx0, gp0, st0), (y1, gx1, gp1, st1) = outs
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gx1, gx0, rtol=1e-5, atol=1e-6)
+    for name in gp0:
+        torch.testing.assert_close(gp1[name], gp0[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert torch.equal(st1.kept, st0.kept) and st0.dropped_fraction == st1.dropped_fraction
+
+
+def test_fused_gather_path_needs_the_triton_backend():
+    import moebal
+    from moebal.experts import expert_ffn
+
+    moe = moebal.MoE(8, 4, 3, 1, backend="torch")
+    moe.experts.path = "fused_gather"
+    with pytest.raises(ValueError, match=r"experts.path='fused_gather'.*backend='torch'"):
+        moe(torch.randn(4, 8))
+    plan = build_plan(torch.zeros(4, 1, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match=r"forward_tokens"):
+        expert_ffn(torch.randn(4, 8), moe.experts.w_in_EDH, moe.experts.w_out_EFD, plan, path="fused_gather")
+
+
 # --------------------------------------------------------------------------- compiled code without a GPU
 
 _COMPILE_SCRIPT = textwrap.dedent(
@@ -282,7 +328,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     import moebal.triton_ops
-    gg = sys.modules["moebal.kernels.grouped_gemm"]
+    gg = sys.modules["moebal.kernels.gather_gemm"]
 
     def compile_(fn, args, warps, stages):
         # specialise like the JIT: ints equal to 1 become constants, pointers and
