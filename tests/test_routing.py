@@ -2,6 +2,7 @@
 import math
 
 import pytest
+from hypothesis import given, settings, strategies as st
 import torch
 
 from moebal.functional import (
@@ -49,6 +50,26 @@ def test_ties_break_toward_lower_index():
     assert idx[0].tolist() == [0, 1, 2]
     assert idx[1].tolist() == [2, 4, 0]
     assert idx[2].tolist() == [0, 1, 2]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    T=st.integers(0, 40), E=st.integers(1, 12), data=st.data(),
+    levels=st.sampled_from([2, 3, 5, 1000]),  # few distinct values: many ties
+)
+def test_selection_equals_the_stable_sort(T, E, data, levels):
+    # the CPU fast path (topk + tie fallback) against the definition: a stable descending
+    # sort, on logits full of ties, -inf and NaN
+    K = data.draw(st.integers(1, E))
+    seed = data.draw(st.integers(0, 2**16))
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randint(0, levels, (T, E), generator=g).float()
+    special = torch.rand(T, E, generator=g)
+    logits[special < 0.05] = float("nan")
+    logits[(special >= 0.05) & (special < 0.1)] = float("-inf")
+    _, idx = topk_routing(logits, K, score="sigmoid", renormalize=False)
+    select = torch.nan_to_num(torch.sigmoid(logits), nan=float("-inf"))
+    assert torch.equal(idx, torch.sort(select, dim=-1, descending=True, stable=True).indices[:, :K])
 
 
 def test_bias_moves_selection_not_weights():
