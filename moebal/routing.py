@@ -94,10 +94,11 @@ def _topk_indices(select_TE: torch.Tensor, top_k: int) -> torch.Tensor:
     On CPU, ``torch.topk`` of the top K+1 is ~2.5x faster than the sort but promises nothing
     about ties; where its K+1 values are strictly decreasing the top K and their order are
     unique, so it equals the sort, and only rows with a tie among them are sorted (reading
-    that on the host is free on CPU). On other devices the sort runs as is (no host sync).
+    that on the host is free on CPU). On other devices and under torch.compile the sort runs
+    as is (no host sync, no data-dependent branch).
     """
     stable_sort = lambda t: torch.sort(t, dim=-1, descending=True, stable=True).indices[:, :top_k]  # noqa: E731
-    if select_TE.device.type != "cpu" or select_TE.shape[0] == 0:
+    if select_TE.device.type != "cpu" or select_TE.shape[0] == 0 or torch.compiler.is_compiling():
         return stable_sort(select_TE)
     values, indices = torch.topk(select_TE, min(top_k + 1, select_TE.shape[-1]), dim=-1, sorted=True)
     tied_T = (values[:, 1:] == values[:, :-1]).any(dim=-1)
