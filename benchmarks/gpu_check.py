@@ -476,14 +476,20 @@ def layer_for_shape(T: int, D: int, F_: int, E: int, K: int, device: torch.devic
     dy = torch.randn(T, D, device=device, dtype=torch.bfloat16)
     res: dict = {}
 
-    def moebal_layer(backend):
+    def moebal_layer(backend, experts_path="auto"):
         import moebal
 
-        return lambda: moebal.MoE(D, F_, E, K, router="aux_loss", capacity_factor=None, num_shared_experts=0,
-                                  activation="swiglu", backend=backend)
+        def make():
+            moe = moebal.MoE(D, F_, E, K, router="aux_loss", capacity_factor=None, num_shared_experts=0,
+                             activation="swiglu", backend=backend)
+            moe.experts.path = experts_path
+            return moe
+
+        return make
 
     variants = {
         "moebal_triton": moebal_layer("triton"),
+        "moebal_triton_fused_gather": moebal_layer("triton", "fused_gather"),
         "moebal_torch": moebal_layer("torch"),
         "titan_style_torch": lambda: TitanStyleMoE(D, F_, E, K),
         "dense_equivalent": lambda: DenseSwiGLU(D, K * F_),
@@ -492,7 +498,7 @@ def layer_for_shape(T: int, D: int, F_: int, E: int, K: int, device: torch.devic
         _section(res, name, _time_layer, make, x, dy, bench, device)
     _section(res, "moebal_backends_agree", _layer_backends_agree, T, D, F_, E, K, device)
     ratios = {}
-    for name in ("moebal_triton", "moebal_torch", "titan_style_torch"):
+    for name in ("moebal_triton", "moebal_triton_fused_gather", "moebal_torch", "titan_style_torch"):
         for base in ("dense_equivalent", "titan_style_torch"):
             a, b_ = res.get(name, {}).get("fwd_bwd_ms"), res.get(base, {}).get("fwd_bwd_ms")
             if a and b_ and name != base:
