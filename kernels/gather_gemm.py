@@ -258,7 +258,11 @@ def _check_float(t: torch.Tensor, name: str, dims: int, layout: str, like: torch
         raise TypeError(f"{name} dtype {t.dtype} does not match a dtype {like.dtype}")
 
 
-def _check_maps(group_ends_E: torch.Tensor, src_R: torch.Tensor | None, rows_used_E: torch.Tensor | None) -> None:
+def _maps(kernel, group_ends_E, src_R, rows_used_E, *tensors):
+    """Check the row maps and devices; ``(ends, src, used)`` as the kernels take them.
+
+    Unused maps are replaced by ``ends`` (never read: ``GATHER`` / ``HAS_USED`` are off).
+    """
     ints = (torch.int32, torch.int64)
     if group_ends_E.dim() != 1 or group_ends_E.dtype != torch.int32:
         raise ValueError(f"group_ends must be an int32 [E] tensor, got {group_ends_E.dtype} {tuple(group_ends_E.shape)}")
@@ -267,6 +271,12 @@ def _check_maps(group_ends_E: torch.Tensor, src_R: torch.Tensor | None, rows_use
     if rows_used_E is not None and (rows_used_E.shape != group_ends_E.shape or rows_used_E.dtype not in ints):
         raise ValueError(f"rows_used must be an int tensor of shape {tuple(group_ends_E.shape)}, "
                          f"got {rows_used_E.dtype} {tuple(rows_used_E.shape)}")
+    extra = tuple(t for t in (src_R, rows_used_E) if t is not None)
+    check_launchable(kernel, *tensors, group_ends_E, *extra)
+    ends = group_ends_E.contiguous()
+    src = src_R.contiguous() if src_R is not None else ends
+    used = rows_used_E.contiguous() if rows_used_E is not None else ends
+    return ends, src, used
 
 
 def _tile_args(defaults, block_m, block_n, block_k) -> tuple[int, int, int]:
@@ -311,9 +321,7 @@ def grouped_gemm(
     """
     _check_float(a_TK, "a", 2, "[rows, K]")
     _check_float(w_EKN, "w", 3, "[E, K, N]", like=a_TK)
-    _check_maps(group_ends_E, src_R, rows_used_E)
-    extra = tuple(t for t in (src_R, rows_used_E) if t is not None)
-    check_launchable(_grouped_gemm_kernel, a_TK, w_EKN, group_ends_E, *extra)
+    ends, src, used = _maps(_grouped_gemm_kernel, group_ends_E, src_R, rows_used_E, a_TK, w_EKN)
     if a_TK.shape[1] != w_EKN.shape[1]:
         raise ValueError(f"a has K = {a_TK.shape[1]} columns but w is {tuple(w_EKN.shape)} ([E, K, N])")
     if w_EKN.shape[0] != group_ends_E.shape[0]:
@@ -330,11 +338,9 @@ def grouped_gemm(
     be = min(next_pow2(E), 256) if block_e is None else block_e
     if be < 1 or be & (be - 1):
         raise ValueError(f"block_e must be a power of two, got {be}")
-    src = src_R.contiguous() if src_R is not None else group_ends_E  # unread without GATHER
-    used = rows_used_E.contiguous() if rows_used_E is not None else group_ends_E  # unread without HAS_USED
     num_tiles_m = triton.cdiv(R, bm) + E  # >= sum_e cdiv(size_e, bm); the surplus returns at once
     _grouped_gemm_kernel[(num_tiles_m * triton.cdiv(N, bn),)](
-        a_TK, src, w_EKN, group_ends_E.contiguous(), used, out_RN, E, N, K, num_tiles_m,
+        a_TK, src, w_EKN, ends, used, out_RN, E, N, K, num_tiles_m,
         a_TK.stride(0), a_TK.stride(1), w_EKN.stride(0), w_EKN.stride(1), w_EKN.stride(2),
         out_RN.stride(0), out_RN.stride(1),
         GATHER=src_R is not None, HAS_USED=rows_used_E is not None,
@@ -373,9 +379,7 @@ def grouped_gemm_wgrad(
     """
     _check_float(a_TK, "a", 2, "[rows, K]")
     _check_float(g_RN, "g", 2, "[R, N]", like=a_TK)
-    _check_maps(group_ends_E, src_R, rows_used_E)
-    extra = tuple(t for t in (src_R, rows_used_E) if t is not None)
-    check_launchable(_grouped_gemm_wgrad_kernel, a_TK, g_RN, group_ends_E, *extra)
+    ends, src, used = _maps(_grouped_gemm_wgrad_kernel, group_ends_E, src_R, rows_used_E, a_TK, g_RN)
     R = a_TK.shape[0] if src_R is None else src_R.shape[0]
     if g_RN.shape[0] != R:
         raise ValueError(f"g has {g_RN.shape[0]} rows but there are {R} rows (a without src, else src)")
@@ -387,11 +391,9 @@ def grouped_gemm_wgrad(
         return out_EKN.zero_()
     *defaults, warps, stages = _tiles(a_TK.device, a_TK.dtype, triton.cdiv(R, E), N, K, wgrad=True)
     bm, bn, bk = _tile_args(defaults, block_m, block_n, block_k)
-    src = src_R.contiguous() if src_R is not None else group_ends_E
-    used = rows_used_E.contiguous() if rows_used_E is not None else group_ends_E
     grid = (triton.cdiv(K, bk), triton.cdiv(N, bn), E)
     _grouped_gemm_wgrad_kernel[grid](
-        a_TK, src, g_RN, group_ends_E.contiguous(), used, out_EKN, N, K,
+        a_TK, src, g_RN, ends, used, out_EKN, N, K,
         a_TK.stride(0), a_TK.stride(1), g_RN.stride(0), g_RN.stride(1),
         out_EKN.stride(0), out_EKN.stride(1), out_EKN.stride(2),
         GATHER=src_R is not None, HAS_USED=rows_used_E is not None,
