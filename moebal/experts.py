@@ -147,6 +147,14 @@ def _row_blocks(bounds, row_bytes: int) -> list[tuple[int, int, int, int]]:
     return blocks
 
 
+def _linear_into(x_nA, w_AB, b_EB, e: int, out_nB) -> None:
+    """``out = x @ w (+ b[e])`` written into ``out``."""
+    if b_EB is None:
+        torch.mm(x_nA, w_AB, out=out_nB)
+    else:
+        torch.addmm(b_EB[e], x_nA, w_AB, out=out_nB)
+
+
 def _act_forward(h_nH, s_nF, a_nF, activation: str) -> None:
     """``a = silu(gate) * up`` keeping ``s = silu(gate)`` (h = [gate | up]), or ``a = gelu(h)``."""
     if activation == "swiglu":
@@ -195,17 +203,11 @@ class _LoopExperts(torch.autograd.Function):
                 continue
             for e in range(e0, e1):
                 if xs_p[e].shape[0]:
-                    if b_in_EH is None:
-                        torch.mm(xs_p[e], w_in[e], out=h_p[e])
-                    else:
-                        torch.addmm(b_in_EH[e], xs_p[e], w_in[e], out=h_p[e])
+                    _linear_into(xs_p[e], w_in[e], b_in_EH, e, h_p[e])
             _act_forward(h_RH[r0:r1], s_RF[r0:r1] if swiglu else None, a_RF[r0:r1], activation)
             for e in range(e0, e1):
                 if xs_p[e].shape[0]:
-                    if b_out_ED is None:
-                        torch.mm(a_p[e], w_out[e], out=ys_p[e])
-                    else:
-                        torch.addmm(b_out_ED[e], a_p[e], w_out[e], out=ys_p[e])
+                    _linear_into(a_p[e], w_out[e], b_out_ED, e, ys_p[e])
         for pad in ys_RD.split(sizes)[1::2]:
             if pad.shape[0]:
                 pad.zero_()
