@@ -17,7 +17,7 @@ Per shape (bf16, T = 16384; Mixtral, Qwen3-30B-A3B, DeepSeek-V2-Lite):
   (x, plan), w, plan)`` against float64 on sampled rows / tokens / experts, bit-for-bit
   repeatability, and timings against (Triton dispatch + ``grouped_matmul``), with TFLOP/s;
 - layer fwd+bwd: ``moebal.MoE`` (Triton and torch backends) vs (a) a torchtitan-style
-  plain-torch MoE written here (stable argsort, ``x[idx]``, three grouped_mm,
+  plain-torch MoE (gpu_check_layer.py: stable argsort, ``x[idx]``, three grouped_mm,
   ``scatter_add``) and (b) the dense-equivalent SwiGLU FFN with hidden K*F.
 Every section records its own error instead of stopping the run; the JSON is rewritten
 after each shape so a run cut short still leaves results.
@@ -30,14 +30,15 @@ import json
 import math
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
+
+from gpu_check_common import Bench, _gbps, _max_err, _routing, _section
+from gpu_check_layer import layer_for_shape
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -48,46 +49,6 @@ SHAPES = {  # name: (D, F, E, K)
 }
 SMOKE_SHAPES = {"tiny_top2": (32, 48, 4, 2), "tiny_top4_primeE": (48, 40, 7, 4)}
 CAPACITY_FACTOR = 1.25
-
-
-# --------------------------------------------------------------------------- timing
-
-
-class Bench:
-    """Median milliseconds of ``fn()``: triton.testing.do_bench on CUDA, a wall clock on CPU."""
-
-    def __init__(self, device: torch.device, rep_ms: int):
-        self.device, self.rep_ms = device, rep_ms
-
-    def __call__(self, fn) -> float:
-        if self.device.type == "cuda":
-            import triton.testing
-
-            return float(triton.testing.do_bench(fn, warmup=max(10, self.rep_ms // 4), rep=self.rep_ms, return_mode="median"))
-        fn()
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-
-
-def _section(results: dict, key: str, fn, *args):
-    """Run one part, store its dict (or its error) under ``results[key]``."""
-    t0 = time.perf_counter()
-    try:
-        results[key] = fn(*args)
-    except Exception as err:  # recorded in the JSON, the run goes on
-        results[key] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=8)}
-    if isinstance(results[key], dict):
-        results[key]["section_s"] = round(time.perf_counter() - t0, 2)
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def _gbps(nbytes: float, ms: float) -> float:
-    return nbytes / (ms * 1e-3) / 1e9
 
 
 # --------------------------------------------------------------------------- environment
@@ -138,19 +99,6 @@ def copy_bandwidth(device: torch.device, bench: Bench, smoke: bool) -> dict:
 
 
 # --------------------------------------------------------------------------- kernels
-
-
-def _routing(T: int, E: int, K: int, device: torch.device, seed: int = 0):
-    g = torch.Generator(device=device).manual_seed(seed)
-    # a mildly skewed router so some experts overflow the capacity
-    logits = torch.randn(T, E, device=device, generator=g) + torch.linspace(0.5, 0, E, device=device)
-    probs = logits.softmax(-1)
-    w, idx = probs.topk(K, dim=-1)
-    return idx, (w / w.sum(-1, keepdim=True)).float()
-
-
-def _max_err(a: torch.Tensor, ref64: torch.Tensor) -> float:
-    return float((a.double() - ref64).abs().max()) if a.numel() else 0.0
 
 
 def _ref_gather_sum(src_RD: torch.Tensor, rows_TK: torch.Tensor, w_TK: torch.Tensor | None, chunk: int = 2048):
@@ -395,129 +343,6 @@ def fused_gemm_for_shape(T: int, D: int, F_: int, E: int, K: int, device: torch.
         res["TFLOPs"] = {f"{k}_{name}": flops[k] / (v[name] * 1e-3) / 1e12 for k, v in ms.items() for name in v}
     out["flops_formula"] = "fwd 2*kept*D*H, bwd 4*kept*D*H (grad_x and grad_w); capacity padding rows not counted"
     return out
-
-
-# --------------------------------------------------------------------------- layer
-
-
-def _grouped_mm():
-    import torch.nn.functional as F
-
-    return getattr(F, "grouped_mm", None) or torch._grouped_mm
-
-
-class TitanStyleMoE(torch.nn.Module):
-    """Plain-torch MoE in the style of torchtitan: softmax top-k router, stable argsort of
-    the expert ids, ``x[idx]`` gather, three grouped GEMMs (gate, up, down), weights
-    applied to the expert outputs, ``scatter_add`` back to tokens."""
-
-    def __init__(self, D: int, F_: int, E: int, K: int):
-        super().__init__()
-        self.E, self.K = E, K
-        self.router = torch.nn.Linear(D, E, bias=False)
-        self.w_gate_EDF = torch.nn.Parameter(torch.randn(E, D, F_) / math.sqrt(D))
-        self.w_up_EDF = torch.nn.Parameter(torch.randn(E, D, F_) / math.sqrt(D))
-        self.w_down_EFD = torch.nn.Parameter(torch.randn(E, F_, D) / math.sqrt(F_))
-
-    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        gmm = _grouped_mm()
-        probs_TE = self.router(x_TD).float().softmax(-1)
-        w_TK, idx_TK = probs_TE.topk(self.K, dim=-1)
-        w_TK = w_TK / w_TK.sum(-1, keepdim=True)
-        expert_N = idx_TK.reshape(-1)
-        order_N = torch.argsort(expert_N, stable=True)
-        token_N = order_N // self.K
-        offs_E = torch.cumsum(torch.bincount(expert_N, minlength=self.E), 0).to(torch.int32)
-        xs_ND = x_TD[token_N]
-        h_NF = torch.nn.functional.silu(gmm(xs_ND, self.w_gate_EDF, offs=offs_E)) * gmm(xs_ND, self.w_up_EDF, offs=offs_E)
-        ys_ND = gmm(h_NF, self.w_down_EFD, offs=offs_E)
-        ys_ND = (ys_ND.float() * w_TK.reshape(-1)[order_N].unsqueeze(-1)).to(x_TD.dtype)
-        return torch.zeros_like(x_TD).scatter_add_(0, token_N.unsqueeze(-1).expand(-1, x_TD.shape[1]), ys_ND)
-
-
-class DenseSwiGLU(torch.nn.Module):
-    """The dense-equivalent FFN: SwiGLU with hidden K*F (the FLOPs of the routed experts)."""
-
-    def __init__(self, D: int, hidden: int):
-        super().__init__()
-        self.w_in = torch.nn.Linear(D, 2 * hidden, bias=False)
-        self.w_out = torch.nn.Linear(hidden, D, bias=False)
-
-    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w_in(x_TD).chunk(2, dim=-1)
-        return self.w_out(torch.nn.functional.silu(gate) * up)
-
-
-def _time_layer(make, x: torch.Tensor, dy: torch.Tensor, bench: Bench, device: torch.device) -> dict:
-    module = make().to(device=device, dtype=x.dtype)
-    xl = x.detach().requires_grad_(True)
-
-    def fwd_bwd():
-        module.zero_grad(set_to_none=True)
-        xl.grad = None
-        module(xl).backward(dy)
-
-    def fwd():
-        with torch.no_grad():
-            module(xl)
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    res = {"fwd_bwd_ms": bench(fwd_bwd), "fwd_ms": bench(fwd)}
-    if device.type == "cuda":
-        res["peak_mem_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
-    res["tokens_per_s_fwd_bwd"] = x.shape[0] / (res["fwd_bwd_ms"] * 1e-3)
-    del module
-    return res
-
-
-def layer_for_shape(T: int, D: int, F_: int, E: int, K: int, device: torch.device, bench: Bench) -> dict:
-    x = torch.randn(T, D, device=device, dtype=torch.bfloat16)
-    dy = torch.randn(T, D, device=device, dtype=torch.bfloat16)
-    res: dict = {}
-
-    def moebal_layer(backend, experts_path="auto"):
-        import moebal
-
-        def make():
-            moe = moebal.MoE(D, F_, E, K, router="aux_loss", capacity_factor=None, num_shared_experts=0,
-                             activation="swiglu", backend=backend)
-            moe.experts.path = experts_path
-            return moe
-
-        return make
-
-    variants = {
-        "moebal_triton": moebal_layer("triton"),
-        "moebal_triton_fused_gather": moebal_layer("triton", "fused_gather"),
-        "moebal_torch": moebal_layer("torch"),
-        "titan_style_torch": lambda: TitanStyleMoE(D, F_, E, K),
-        "dense_equivalent": lambda: DenseSwiGLU(D, K * F_),
-    }
-    for name, make in variants.items():
-        _section(res, name, _time_layer, make, x, dy, bench, device)
-    _section(res, "moebal_backends_agree", _layer_backends_agree, T, D, F_, E, K, device)
-    ratios = {}
-    for name in ("moebal_triton", "moebal_triton_fused_gather", "moebal_torch", "titan_style_torch"):
-        for base in ("dense_equivalent", "titan_style_torch"):
-            a, b_ = res.get(name, {}).get("fwd_bwd_ms"), res.get(base, {}).get("fwd_bwd_ms")
-            if a and b_ and name != base:
-                ratios[f"{name}/{base}"] = a / b_
-    res["fwd_bwd_time_ratios"] = ratios
-    return res
-
-
-def _layer_backends_agree(T, D, F_, E, K, device) -> dict:
-    import moebal
-
-    torch.manual_seed(0)
-    moe = moebal.MoE(D, F_, E, K, backend="triton").to(device=device, dtype=torch.bfloat16)
-    x = torch.randn(min(T, 4096), D, device=device, dtype=torch.bfloat16)
-    with torch.no_grad():
-        y_t = moe(x)
-        moe.backend = "torch"
-        y_r = moe(x)
-    return {"max_abs_diff": float((y_t.float() - y_r.float()).abs().max()), "max_abs_y": float(y_r.float().abs().max())}
 
 
 # --------------------------------------------------------------------------- main
