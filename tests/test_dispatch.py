@@ -3,6 +3,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from moebal.dispatch import dispatch_rows
 from moebal.functional import combine, dispatch
 from moebal.plan import build_plan
 
@@ -192,6 +193,20 @@ def test_bf16_combine_accumulates_in_fp32():
     y = combine(xs, plan, w, backend="torch")
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), x.float(), rtol=0, atol=0)  # 4 * 0.25 * x exactly
+
+
+@pytest.mark.parametrize("K", [1, 2])
+def test_bf16_dispatch_backward_rounds_once(K):
+    # K <= 2 sums in bf16 directly: the result must equal the fp32 sum rounded once to bf16
+    T, D, E = 96, 40, 5
+    idx, _ = random_routing(T, E, K, 3)
+    plan = build_plan(idx, E)
+    g_xs = (torch.randn(plan.num_rows, D) * torch.logspace(-3, 3, D)).bfloat16()
+    x = torch.zeros(T, D, dtype=torch.bfloat16, requires_grad=True)
+    xs = dispatch_rows(x, plan, "torch")
+    xs.backward(g_xs)
+    want = g_xs.float()[plan.row_of_pair_TK].sum(1).bfloat16()  # K <= 2: one fp32 addition, exact order-free
+    assert torch.equal(x.grad, want)
 
 
 def test_dispatch_bad_inputs():
