@@ -115,5 +115,6 @@ def test_bad_arguments():
 def test_gemm_floor_runs_on_tiny():
     out = bench.gemm_floor("tiny", "fp32", repeats=1)
     assert out["dense_gemms_s"] > 0 and out["per_expert_gemms_s"] > 0 and out["ratio"] > 0
+    assert out["per_expert_cached_gemms_s"] > 0 and out["cached_ratio"] > 0
     with pytest.raises(ValueError, match="divisible"):
         bench.gemm_floor(bench.LayerConfig("odd", 5, 8, 8, 3, 1))

@@ -41,10 +41,13 @@ def format_table(result: dict) -> str:
             bwd = " ".join(f"{k} {v * 1e3:.1f}" for k, v in st["bwd_s"].items())
             lines.append(f"  {st['config']} {st['dtype']} t={st['threads']}: {fwd} | {bwd}")
     if result.get("gemm_floor"):
-        lines.append("\nGEMM floor (the six GEMMs alone, every expert T*K/E rows): per-expert / dense")
+        lines.append("\nGEMM floor (the six GEMMs alone, every expert T*K/E rows): per-expert / dense"
+                     " [same calls, every expert on expert 0's weights, i.e. weights in cache]")
         for fl in result["gemm_floor"]:
+            cached = fl.get("cached_ratio")
             lines.append(f"  {fl['config']} {fl['dtype']} t={fl['threads']}: {fl['ratio']:.3f} "
-                         f"({fl['per_expert_gemms_s'] * 1e3:.1f} ms vs {fl['dense_gemms_s'] * 1e3:.1f} ms)")
+                         f"({fl['per_expert_gemms_s'] * 1e3:.1f} ms vs {fl['dense_gemms_s'] * 1e3:.1f} ms)"
+                         + (f" [{cached:.3f}]" if cached is not None else ""))
     if result.get("skipped_peers"):
         lines.append("\nskipped peers: " + "; ".join(f"{k}: {v}" for k, v in result["skipped_peers"].items()))
     return "\n".join(lines)

@@ -153,7 +153,8 @@ def run_layer_bench(
                     if floor and (cfg.tokens * cfg.top_k) % cfg.num_experts == 0:
                         fl = gemm_floor(cfg, dname, repeats, clock)
                         result["gemm_floor"].append({**fl, "threads": n_threads})
-                        say(f"gemm floor {cfg.name} {dname} t={n_threads}: per-expert GEMMs {fl['ratio']:.3f} x dense GEMMs")
+                        say(f"gemm floor {cfg.name} {dname} t={n_threads}: per-expert GEMMs {fl['ratio']:.3f} x dense "
+                            f"GEMMs ({fl['cached_ratio']:.3f} x with the weights in cache)")
                 del ref32, mods32
                 gc.collect()
     finally:
