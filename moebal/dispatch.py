@@ -45,7 +45,7 @@ _CHUNK_BYTES = 1 << 21
 
 
 def _token_chunk(T: int, K: int, D: int, dtype: torch.dtype) -> int:
-    itemsize = torch.empty((), dtype=_acc(dtype)).element_size()
+    itemsize = _acc(dtype).itemsize
     return max(1, min(T, _CHUNK_BYTES // max(1, K * D * itemsize)))
 
 

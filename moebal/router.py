@@ -176,7 +176,8 @@ class Router(nn.Module):
                 weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
         else:
             bias = self.expert_bias if isinstance(bal, LossFree) else None
-            weights_TK, indices_TK = R.topk_routing(logits_TE, K, self.score, bias=bias, renormalize=self.renormalize)
+            # the scores above, not a second softmax/sigmoid: topk_routing's selection on them
+            weights_TK, indices_TK = R._topk_from_scores(scores_TE, K, bias, self.renormalize)
         if self.scale != 1.0:
             weights_TK = weights_TK * self.scale
 

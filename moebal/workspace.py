@@ -43,7 +43,7 @@ class _BufferPool:
 
     def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
         shape = tuple(shape)
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         if nbytes < self.MIN_BYTES or self.limit_bytes <= 0:
             return torch.empty(shape, dtype=dtype)
         with self._lock:

@@ -18,7 +18,7 @@ def _reference(x, ys_fn, idx, w, E, capacity, policy="position"):
         pairs = [(t, j) for t in range(T) for j in range(K) if idx[t, j] == e]
         if capacity is not None:
             if policy == "weight":
-                pairs = sorted(pairs, key=lambda p: (-float(w[p]), p[0]))
+                pairs = sorted(pairs, key=lambda p: (-float(w.detach()[p]), p[0]))
             pairs = pairs[:capacity]
         for p in pairs:
             kept[p] = True
