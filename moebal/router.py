@@ -176,8 +176,10 @@ class Router(nn.Module):
                 weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
         else:
             bias = self.expert_bias if isinstance(bal, LossFree) else None
-            # the scores above, not a second softmax/sigmoid: topk_routing's selection on them
-            weights_TK, indices_TK = R._topk_from_scores(scores_TE, K, bias, self.renormalize)
+            # topk_routing scores the logits again (~30 us at T=1024, E=16): reusing scores_TE would
+            # merge the weights' and the aux loss's softmax backward into one, changing training
+            # at the last bit, and with it every recorded `moebal compare` result
+            weights_TK, indices_TK = R.topk_routing(logits_TE, K, self.score, bias=bias, renormalize=self.renormalize)
         if self.scale != 1.0:
             weights_TK = weights_TK * self.scale
 

@@ -73,16 +73,12 @@ def topk_routing(
     _check_int("top_k", top_k)
     if top_k > num_experts:
         raise ValueError(f"top_k must be <= num_experts ({num_experts}), got {top_k}")
-    if bias is not None and bias.shape != (num_experts,):
-        raise ValueError(f"bias must have shape [{num_experts}], got {tuple(bias.shape)}")
-    return _topk_from_scores(scores_from_logits(logits_TE, score), top_k, bias, renormalize)
-
-
-def _topk_from_scores(
-    scores_TE: torch.Tensor, top_k: int, bias: torch.Tensor | None, renormalize: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``topk_routing`` on already computed fp32 scores (arguments already checked)."""
-    select_TE = scores_TE if bias is None else scores_TE + bias.float()
+    scores_TE = scores_from_logits(logits_TE, score)
+    select_TE = scores_TE
+    if bias is not None:
+        if bias.shape != (num_experts,):
+            raise ValueError(f"bias must have shape [{num_experts}], got {tuple(bias.shape)}")
+        select_TE = scores_TE + bias.float()
     # NaN -> -inf so it sorts last; ties break toward the lower index
     select_TE = torch.nan_to_num(select_TE.detach(), nan=float("-inf"))
     indices_TK = _topk_indices(select_TE, top_k)
