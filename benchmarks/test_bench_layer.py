@@ -13,6 +13,7 @@ side. ``python -m moebal.bench``-style ratio tables and the saved JSON come from
 """
 import json
 import os
+import statistics
 
 import pytest
 import torch
@@ -83,8 +84,10 @@ def test_run_layer_bench_result_table_and_plot(tmp_path):
     assert len(result["runs"]) == 4 and len(result["stages"]) == 2 and len(seen) == 6
     for run in result["runs"]:
         dense = run["impls"]["dense"]
-        assert dense["ratio_to_dense"] == pytest.approx(1.0)
+        assert dense["ratio_to_dense"] == pytest.approx(1.0) and dense["paired_ratio_to_dense"] == pytest.approx(1.0)
         for name, v in run["impls"].items():
+            assert v["paired_ratio_to_dense"] == pytest.approx(
+                statistics.median(t / d for t, d in zip(v["times_s"], dense["times_s"])))
             assert v["best_s"] > 0 and v["tokens_per_s"] > 0 and v["ratio_to_dense"] > 0
             if name not in ("dense", "moebal") and run["dtype"] == "fp32":
                 assert v["max_abs_err_vs_moebal"] < 1e-5  # same routing, same weights
@@ -110,6 +113,15 @@ def test_bad_arguments():
         bench.run_layer_bench(configs=("tiny",), modes=("bwd",))
     with pytest.raises(ValueError, match="top_k"):
         bench.LayerConfig("bad", 8, 8, 8, 2, 3)
+
+
+def test_paired_ratio_is_the_median_of_same_round_ratios():
+    # round ratios 1.2, 0.9, 1.5 (a slow round for both leaves its ratio alone): median 1.2
+    assert bench.paired_ratio([1.2, 1.8, 3.0], [1.0, 2.0, 2.0]) == pytest.approx(1.2)
+    with pytest.raises(ValueError, match="one time per round"):
+        bench.paired_ratio([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="one time per round"):
+        bench.paired_ratio([], [])
 
 
 def test_gemm_floor_runs_on_tiny():

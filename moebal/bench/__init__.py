@@ -40,6 +40,7 @@ from moebal.bench.run import (
     _summarise,
     _versions,
     environment,
+    paired_ratio,
     run_layer_bench,
 )
 from moebal.bench.timing import _stage_times, _time_round_robin, _zero_grads, gemm_floor, run_once
@@ -47,4 +48,5 @@ from moebal.bench.timing import _stage_times, _time_round_robin, _zero_grads, ge
 __all__ = [
     "LayerConfig", "CONFIGS", "DTYPES", "MODES", "run_layer_bench", "format_table", "save_json", "plot",
     "load_peers_module", "build_impls", "make_inputs", "run_once", "gemm_floor", "TIMERS",
+    "paired_ratio",
 ]

@@ -27,11 +27,12 @@ def format_table(result: dict) -> str:
                    f"{run.get('dense_gflops_per_s') or float('nan'):.0f}"]
             for n in names:
                 v = run["impls"].get(n)
-                row.append(f"{v['ratio_to_dense']:.2f}" if v and v["ratio_to_dense"] else "-")
+                row.append(f"{v['ratio_to_dense']:.2f} ({_paired(v, d):.2f})" if v and v["ratio_to_dense"] else "-")
             rows.append(row)
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         timer = runs[0].get("timer", "wall")
-        lines.append(f"\nthreads={n_threads} dtype={dname}  ({timer} time / dense-equivalent {timer} time; lower is better)")
+        lines.append(f"\nthreads={n_threads} dtype={dname}  ({timer} time / dense-equivalent {timer} time; lower is "
+                     "better): fastest / fastest (median over rounds of the same round's ratio)")
         for r in rows:
             lines.append("  ".join(c.rjust(w) if i >= 2 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
     if result.get("stages"):
@@ -51,6 +52,17 @@ def format_table(result: dict) -> str:
     if result.get("skipped_peers"):
         lines.append("\nskipped peers: " + "; ".join(f"{k}: {v}" for k, v in result["skipped_peers"].items()))
     return "\n".join(lines)
+
+
+def _paired(impl: dict, dense: dict) -> float:
+    """The impl's ``paired_ratio_to_dense``, computed from the round times when a saved run lacks it."""
+    if impl.get("paired_ratio_to_dense") is not None:
+        return impl["paired_ratio_to_dense"]
+    if not dense.get("times_s"):
+        return float("nan")
+    from moebal.bench.run import paired_ratio
+
+    return paired_ratio(impl["times_s"], dense["times_s"])
 
 
 def save_json(result: dict, path) -> None:

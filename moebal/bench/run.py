@@ -175,6 +175,18 @@ def _prefixed(st: dict) -> dict:
     return {**{f"fwd.{k}": v for k, v in st["fwd_s"].items()}, **{f"bwd.{k}": v for k, v in st["bwd_s"].items()}}
 
 
+def paired_ratio(times_s: list[float], dense_times_s: list[float]) -> float:
+    """Median over rounds of ``time / dense time of the same round``.
+
+    Every round runs each implementation once, back to back, so pairing by round cancels
+    the machine's drift between rounds (on shared cores the dense time alone can move by
+    a third within one run), which a ratio of two fastest times does not.
+    """
+    if len(times_s) != len(dense_times_s) or not times_s:
+        raise ValueError(f"need one time per round for both, got {len(times_s)} and {len(dense_times_s)}")
+    return statistics.median(t / d for t, d in zip(times_s, dense_times_s))
+
+
 def _summarise(cfg, dname, mode, n_threads, times, errors, routing) -> dict:
     best = {n: min(ts) for n, ts in times.items()}
     med = {n: statistics.median(ts) for n, ts in times.items()}
@@ -188,6 +200,7 @@ def _summarise(cfg, dname, mode, n_threads, times, errors, routing) -> dict:
             "tokens_per_s": cfg.tokens / best[n],
             "ratio_to_dense": best[n] / dense if dense else None,
             "median_ratio_to_dense": med[n] / dense_med if dense_med else None,
+            "paired_ratio_to_dense": paired_ratio(ts, times["dense"]) if dense else None,
         }
         if n in errors:
             impls[n]["max_abs_err_vs_moebal"] = errors[n]
