@@ -116,8 +116,9 @@ def test_bad_arguments():
 
 
 def test_paired_ratio_is_the_median_of_same_round_ratios():
-    # round ratios 1.2, 0.9, 1.5 (a slow round for both leaves its ratio alone): median 1.2
-    assert bench.paired_ratio([1.2, 1.8, 3.0], [1.0, 2.0, 2.0]) == pytest.approx(1.2)
+    # round ratios 1.2, 0.9, 1.5: median 1.2, where fastest / fastest gives 1.5 and
+    # median / median 0.9 (a slow round for both leaves its ratio alone)
+    assert bench.paired_ratio([3.6, 1.8, 1.5], [3.0, 2.0, 1.0]) == pytest.approx(1.2)
     with pytest.raises(ValueError, match="one time per round"):
         bench.paired_ratio([1.0, 2.0], [1.0])
     with pytest.raises(ValueError, match="one time per round"):

@@ -40,10 +40,9 @@ from moebal.bench.run import (
     _summarise,
     _versions,
     environment,
-    paired_ratio,
     run_layer_bench,
 )
-from moebal.bench.timing import _stage_times, _time_round_robin, _zero_grads, gemm_floor, run_once
+from moebal.bench.timing import _stage_times, _time_round_robin, _zero_grads, gemm_floor, paired_ratio, run_once
 
 __all__ = [
     "LayerConfig", "CONFIGS", "DTYPES", "MODES", "run_layer_bench", "format_table", "save_json", "plot",

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from moebal.bench.timing import paired_ratio
+
 
 def format_table(result: dict) -> str:
     """A plain-text table: per threads and dtype, rows config x mode, columns ratio to dense."""
@@ -60,8 +62,6 @@ def _paired(impl: dict, dense: dict) -> float:
         return impl["paired_ratio_to_dense"]
     if not dense.get("times_s"):
         return float("nan")
-    from moebal.bench.run import paired_ratio
-
     return paired_ratio(impl["times_s"], dense["times_s"])
 
 

@@ -13,7 +13,7 @@ import torch
 
 from moebal.bench.configs import DTYPES, MODES, SCHEMA, TIMERS, _resolve_configs
 from moebal.bench.impls import _build, _clone, _peer_errors, make_inputs
-from moebal.bench.timing import _stage_times, _time_round_robin, gemm_floor
+from moebal.bench.timing import _stage_times, _time_round_robin, gemm_floor, paired_ratio
 
 
 def _cpu_name() -> str:
@@ -173,18 +173,6 @@ def _routing_stats(moe, x_TD) -> dict:
 
 def _prefixed(st: dict) -> dict:
     return {**{f"fwd.{k}": v for k, v in st["fwd_s"].items()}, **{f"bwd.{k}": v for k, v in st["bwd_s"].items()}}
-
-
-def paired_ratio(times_s: list[float], dense_times_s: list[float]) -> float:
-    """Median over rounds of ``time / dense time of the same round``.
-
-    Every round runs each implementation once, back to back, so pairing by round cancels
-    the machine's drift between rounds (on shared cores the dense time alone can move by
-    a third within one run), which a ratio of two fastest times does not.
-    """
-    if len(times_s) != len(dense_times_s) or not times_s:
-        raise ValueError(f"need one time per round for both, got {len(times_s)} and {len(dense_times_s)}")
-    return statistics.median(t / d for t, d in zip(times_s, dense_times_s))
 
 
 def _summarise(cfg, dname, mode, n_threads, times, errors, routing) -> dict:

@@ -1,5 +1,7 @@
-"""Timing: one run, interleaved round-robin rounds, per-stage times of moebal.MoE and the GEMM floor."""
+"""Timing: one run, interleaved round-robin rounds, the paired per-round ratio, per-stage times of moebal.MoE and the GEMM floor."""
 from __future__ import annotations
+
+import statistics
 
 import torch
 
@@ -43,6 +45,18 @@ def _time_round_robin(mods: dict, x, g, mode: str, repeats: int, warmup: int, ti
     for m in mods.values():
         _zero_grads(m, x)
     return times
+
+
+def paired_ratio(times_s: list[float], dense_times_s: list[float]) -> float:
+    """Median over rounds of ``time / dense time of the same round``.
+
+    Every round runs each implementation once, back to back, so pairing by round cancels
+    the machine's drift between rounds (on shared cores the dense time alone can move by
+    a third within one run), which a ratio of two fastest times does not.
+    """
+    if len(times_s) != len(dense_times_s) or not times_s:
+        raise ValueError(f"need one time per round for both, got {len(times_s)} and {len(dense_times_s)}")
+    return statistics.median(t / d for t, d in zip(times_s, dense_times_s))
 
 
 def _stage_times(moe, x_TD, g_TD, repeats: int, timer: str = "wall") -> dict:
