@@ -38,8 +38,7 @@ import torch
 from scipy.optimize import linear_sum_assignment, linprog
 from scipy.sparse import coo_matrix
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from moebal.assignment import balanced_assignment  # noqa: E402
+from moebal.assignment import balanced_assignment
 
 
 def make_scores(T: int, E: int, kind: str, seed: int = 0) -> torch.Tensor:

@@ -362,8 +362,8 @@ def main(argv=None) -> int:
         if not args.smoke:
             ap.error("no CUDA device: run with --smoke (Triton interpreter, tiny shapes)")
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
-    if importlib.util.find_spec("moebal") is None:  # a source checkout used without installing
-        sys.path.insert(0, str(REPO))
+    if importlib.util.find_spec("moebal") is None:
+        ap.error("moebal is not installed: pip install -e . in the checkout first")
 
     device = torch.device("cuda" if cuda else "cpu")
     shapes = SMOKE_SHAPES if args.smoke else SHAPES

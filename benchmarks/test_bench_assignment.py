@@ -12,7 +12,7 @@ import torch
 
 from moebal.assignment import assign
 
-# pytest puts this directory on sys.path (benchmarks/ is not a package)
+# pytest (rootdir-relative "prepend" import mode) makes this folder importable: benchmarks/ is not a package
 from bench_assignment import main as bench_main
 from bench_assignment import make_scores
 

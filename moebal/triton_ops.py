@@ -17,6 +17,7 @@ index, so ``xs`` is never materialised; it is called directly (no backend switch
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import importlib.util
 import sys
 from pathlib import Path
@@ -29,29 +30,32 @@ __all__ = ["triton_build_plan", "triton_dispatch", "triton_combine", "triton_gat
 
 
 def _load_kernels():
-    """``moebal.kernels``; in a source checkout that was not pip-installed, the
-    ``package-dir`` mapping (``kernels/`` -> ``moebal.kernels``) is not active, so the
-    top-level ``kernels/`` folder is loaded under that name, as an install would."""
+    """``moebal.kernels.api``, the launchers of the top-level ``kernels/`` folder.
+
+    ``kernels/`` has no ``__init__.py`` on purpose: a regular package there would shadow
+    the PyPI distribution ``kernels`` (which transformers probes for) whenever the
+    repository root is on ``sys.path``; as a namespace portion it loses to any installed
+    ``kernels``. A wheel install lays it out as ``moebal/kernels/``, found as usual. An
+    editable install maps ``moebal.kernels`` to the folder, but setuptools' editable finder
+    does not resolve a namespace package nested in a regular one, so the same mapping is
+    made here: a namespace spec whose search location is the folder beside the package.
+    """
     try:
-        return importlib.import_module("moebal.kernels")
+        return importlib.import_module("moebal.kernels.api")
     except ModuleNotFoundError as err:
         if err.name != "moebal.kernels":
             raise
-    root = Path(__file__).resolve().parent.parent / "kernels"
-    spec = importlib.util.spec_from_file_location(
-        "moebal.kernels", root / "__init__.py", submodule_search_locations=[str(root)]
-    )
-    if spec is None or spec.loader is None:
-        raise ModuleNotFoundError(f"moebal.kernels is not installed and {root} holds no kernels package")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["moebal.kernels"] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules["moebal.kernels"]
-        raise
-    sys.modules["moebal"].kernels = module
-    return module
+        folder = Path(__file__).resolve().parent.parent / "kernels"
+        if not (folder / "api.py").is_file():
+            raise ModuleNotFoundError(
+                f"moebal.kernels is not installed and {folder} holds no kernels: reinstall moebal", name=err.name
+            ) from err
+    spec = importlib.machinery.ModuleSpec("moebal.kernels", None, is_package=True)
+    spec.submodule_search_locations = [str(folder)]
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["moebal.kernels"] = package
+    sys.modules["moebal"].kernels = package
+    return importlib.import_module("moebal.kernels.api")
 
 
 _kernels = _load_kernels()
