@@ -5,12 +5,15 @@ on the interpreter's own standard-library sources and prints a table of validati
 per byte and load balance; ``moebal bench`` times the MoE layer against its dense
 equivalent; ``moebal info`` says what moebal will run on here.
 
-Progress goes to stderr, results to stdout. Bad options exit with status 2 and a message.
+Progress goes to stderr, results to stdout. Bad options exit with status 2 and a message
+(``compare`` checks ``--out`` before it trains); a file that cannot be written after training
+is one error line and status 1, after the table has been printed.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import sys
 
 __all__ = ["main", "build_parser"]
@@ -114,7 +117,7 @@ def _add_compare(sub) -> None:
 
 def _run_compare(args, parser) -> int:
     from moebal.compare.model import ModelConfig
-    from moebal.compare.report import format_table, write_all, write_results
+    from moebal.compare.report import check_out_dir, format_table
     from moebal.compare.train import CompareConfig, run_compare
 
     try:
@@ -131,6 +134,10 @@ def _run_compare(args, parser) -> int:
         parser.error(str(err))
     if not args.no_plots and importlib.util.find_spec("matplotlib") is None:
         parser.error("the plots need matplotlib: pip install 'moebal[plot]', or pass --no-plots")
+    try:
+        out_dir = check_out_dir(args.out)  # before training: minutes of work must not end in a failed write
+    except ValueError as err:
+        parser.error(f"argument --out: {err}")
     import torch
 
     progress = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
@@ -140,12 +147,29 @@ def _run_compare(args, parser) -> int:
         results = run_compare(cfg, args.policies, progress=progress)
     finally:
         torch.set_num_threads(threads_before)
-    if args.no_plots:
-        paths = {"json": write_results(results, f"{args.out}/results.json")}
-    else:
-        paths = write_all(results, args.out)
-    print(format_table(results))
-    progress("wrote " + ", ".join(str(p) for p in paths.values()))
+    print(format_table(results), flush=True)  # first: the table survives any failed write below
+    return _write_compare(results, out_dir, plots=not args.no_plots, progress=progress)
+
+
+def _write_compare(results: dict, out_dir, plots: bool, progress) -> int:
+    """results.json, then the plots drawn from it; a failed write is one error line and status 1."""
+    from moebal.compare.report import PLOTS, write_results
+
+    written = []
+    target = out_dir / "results.json"
+    try:
+        written.append(write_results(results, target))
+        if plots:
+            saved = json.loads(target.read_text())
+            for _, name, plot in PLOTS:
+                target = out_dir / name
+                written.append(plot(saved, target))
+    except OSError as err:
+        if written:
+            progress("wrote " + ", ".join(str(p) for p in written))
+        progress(f"moebal compare: error: could not write {target}: {err.strerror or err}")
+        return 1
+    progress("wrote " + ", ".join(str(p) for p in written))
     return 0
 
 

@@ -1,5 +1,6 @@
 """The moebal command: help, bad options, info, and a tiny compare run."""
 import json
+import os
 import subprocess
 import sys
 
@@ -109,3 +110,89 @@ def test_compare_without_matplotlib_fails_before_training(monkeypatch, capsys):
     code, out = _exit_code(["compare", "--steps", "1"], capsys)
     assert code == 2 and "pip install 'moebal[plot]', or pass --no-plots" in out.err
     assert "corpus:" not in out.err  # nothing was trained
+
+
+# --- compare --out: checked before training, written atomically -------------------------------
+
+_TINY_COMPARE = [
+    "compare", "--steps", "2", "--policies", "aux-1e-3", "--layers", "1", "--d-model", "16", "--heads", "2",
+    "--experts", "4", "--expert-hidden", "8", "--batch", "2", "--seq-len", "16", "--val-tokens", "64",
+]
+
+
+def _unwritable_directory(tmp_path):
+    """An existing directory this process cannot create files in (root ignores chmod), or None."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    for candidate in (locked, "/sys", "/proc"):
+        try:
+            with open(f"{candidate}/.moebal-probe", "xb"):
+                pass
+        except OSError:
+            return str(candidate)
+        os.unlink(f"{candidate}/.moebal-probe")
+    return None
+
+
+@pytest.mark.parametrize("case", ["existing file", "below a file", "unwritable directory"])
+def test_compare_out_that_cannot_hold_results_fails_before_training(case, tmp_path, capsys):
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("keep me")
+    if case == "existing file":
+        out = str(a_file)
+    elif case == "below a file":
+        out = str(a_file / "run")
+    else:
+        out = _unwritable_directory(tmp_path)
+        if out is None:
+            pytest.skip("no unwritable directory on this machine")
+    code, streams = _exit_code(_TINY_COMPARE + ["--out", out, "--no-plots"], capsys)
+    assert code == 2
+    error_lines = [line for line in streams.err.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and "argument --out" in error_lines[0] and out in error_lines[0]
+    assert "Traceback" not in streams.err
+    assert "corpus:" not in streams.err and streams.out == ""  # nothing was trained
+    assert a_file.read_text() == "keep me"
+
+
+def test_compare_prints_the_table_and_keeps_results_json_when_a_plot_cannot_be_written(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "run"
+    (out / "maxvio_batch.png").mkdir(parents=True)  # a directory where the plot should go: the write fails
+    code = main(_TINY_COMPARE + ["--out", str(out)])
+    streams = capsys.readouterr()
+    assert code == 1
+    assert streams.out.splitlines()[0].startswith("policy") and "aux-1e-3" in streams.out  # the table
+    saved = json.loads((out / "results.json").read_text())
+    assert [p["name"] for p in saved["policies"]] == ["aux-1e-3"]
+    error_lines = [line for line in streams.err.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and "maxvio_batch.png" in error_lines[0]
+    assert sorted(p.name for p in out.iterdir()) == ["maxvio_batch.png", "results.json"]  # no temp files left
+    assert (out / "maxvio_batch.png").is_dir()
+
+
+def test_compare_replaces_results_atomically(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "run"
+    out.mkdir()
+    names = ("results.json", "maxvio_batch.png", "load_heatmap.png")
+    for name in names:
+        (out / name).write_text("old " + name)
+    readers = {name: open(out / name) for name in names}  # noqa: SIM115 (closed below)
+    try:
+        assert main(_TINY_COMPARE + ["--out", str(out)]) == 0
+        # each file was replaced by a rename: a reader of the old file still sees it whole
+        for name, reader in readers.items():
+            assert reader.read() == "old " + name
+    finally:
+        for reader in readers.values():
+            reader.close()
+    assert json.loads((out / "results.json").read_text())["policies"][0]["name"] == "aux-1e-3"
+    for name in names[1:]:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in out.iterdir()) == sorted(names)
+    mode = (out / "results.json").stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask  # as an ordinary open() would have created it

@@ -3,14 +3,23 @@
 ``format_table`` returns the text table printed on stdout; ``write_results`` writes
 ``results.json``; ``plot_maxvio`` and ``plot_load_heatmap`` draw PNGs from a results
 dict (as loaded from ``results.json``), so a figure can always be redrawn from the file.
+Every file is written to a temporary name in its directory and renamed into place, so a
+reader never sees a half-written file and a failed write leaves the old one intact.
+``check_out_dir`` checks an output directory before any training starts.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
+import secrets
 from pathlib import Path
+from typing import Callable
 
-__all__ = ["format_table", "format_markdown_table", "write_results", "plot_maxvio", "plot_load_heatmap", "write_all"]
+__all__ = [
+    "format_table", "format_markdown_table", "check_out_dir", "write_results", "plot_maxvio",
+    "plot_load_heatmap", "write_all",
+]
 
 _COLUMNS = (
     ("policy", "name", "{}"),
@@ -68,11 +77,62 @@ def _footnote(results: dict) -> str:
     )
 
 
+def check_out_dir(path: str | Path) -> Path:
+    """Make sure ``path`` is a directory this process can create files in, creating it if needed.
+
+    Raises ``ValueError`` saying why it cannot hold results: an existing non-directory, a
+    directory that cannot be created, or one that refuses a new file (checked by creating
+    and removing one, which is what counts: ``os.access`` says yes to root on read-only mounts).
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{str(path)!r} exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create directory {str(path)!r}: {err.strerror or err}") from None
+    probe = path / f".moebal-probe-{secrets.token_hex(4)}"
+    try:
+        with open(probe, "xb"):
+            pass
+    except OSError as err:
+        raise ValueError(f"cannot write in directory {str(path)!r}: {err.strerror or err}") from None
+    probe.unlink()
+    return path
+
+
+def _write_atomic(path: str | Path, write: Callable[[object], None]) -> Path:
+    """``write(file)`` into a temporary file beside ``path``, then rename it onto ``path``.
+
+    The temporary file is opened like any new file (mode from the umask); on any error it
+    is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _save_figure(plt, fig, path: str | Path) -> Path:
+    """Save and close ``fig``; the format follows the file's suffix (PNG when it has none)."""
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    try:
+        return _write_atomic(path, lambda f: fig.savefig(f, format=fmt, dpi=110))
+    finally:
+        plt.close(fig)
+
+
 def write_results(results: dict, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")
-    return path
+    text = json.dumps(results, indent=1, allow_nan=False) + "\n"
+    return _write_atomic(path, lambda f: f.write(text.encode()))
 
 
 def _pyplot():
@@ -115,9 +175,7 @@ def plot_maxvio(results: dict, path: str | Path) -> Path:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save_figure(plt, fig, path)
 
 
 def plot_load_heatmap(results: dict, path: str | Path) -> Path:
@@ -155,9 +213,11 @@ def plot_load_heatmap(results: dict, path: str | Path) -> Path:
         ax.axis("off")
     fig.colorbar(image, ax=axes.ravel().tolist(), label="validation load / mean load")
     fig.suptitle("Expert load on the validation set (eval mode)")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save_figure(plt, fig, path)
+
+
+# (key, file name, drawing function) of each figure ``write_all`` draws
+PLOTS = (("maxvio", "maxvio_batch.png", plot_maxvio), ("heatmap", "load_heatmap.png", plot_load_heatmap))
 
 
 def write_all(results: dict, out_dir: str | Path) -> dict[str, Path]:
@@ -165,8 +225,7 @@ def write_all(results: dict, out_dir: str | Path) -> dict[str, Path]:
     out_dir = Path(out_dir)
     json_path = write_results(results, out_dir / "results.json")
     saved = json.loads(json_path.read_text())
-    return {
-        "json": json_path,
-        "maxvio": plot_maxvio(saved, out_dir / "maxvio_batch.png"),
-        "heatmap": plot_load_heatmap(saved, out_dir / "load_heatmap.png"),
-    }
+    paths = {"json": json_path}
+    for key, name, plot in PLOTS:
+        paths[key] = plot(saved, out_dir / name)
+    return paths
