@@ -2,7 +2,8 @@
 
 ``"auto"`` picks Triton for CUDA tensors and torch otherwise; the environment variable
 ``MOEBAL_BACKEND`` (``torch``/``triton``) overrides ``"auto"`` only. An explicit request is
-never downgraded: ``"triton"`` on CPU tensors raises unless ``TRITON_INTERPRET=1``.
+never downgraded: ``"triton"`` on CPU tensors raises unless ``TRITON_INTERPRET=1``. When it
+is ``MOEBAL_BACKEND`` that asked for Triton, the error names the variable, not an argument.
 """
 from __future__ import annotations
 
@@ -25,12 +26,25 @@ def _interpreting() -> bool:
 
 
 def _env_override() -> str | None:
-    env = os.environ.get("MOEBAL_BACKEND", "").strip().lower()
+    raw = os.environ.get("MOEBAL_BACKEND", "")
+    env = raw.strip().lower()
     if not env or env == "auto":
         return None
     if env not in ("torch", "triton"):
-        raise ValueError(f"MOEBAL_BACKEND must be 'torch', 'triton' or 'auto', got {env!r}")
+        raise ValueError(f"MOEBAL_BACKEND must be 'torch', 'triton' or 'auto' (or unset), got {raw!r}")
     return env
+
+
+def _triton_blocker(device: torch.device) -> str | None:
+    """Why Triton kernels cannot run on ``device``'s tensors here, or None when they can."""
+    if not _triton_available():
+        return "triton is not installed"
+    if device.type != "cuda" and not _interpreting():
+        return (
+            f"Triton kernels need CUDA tensors (these are {device.type} tensors), or TRITON_INTERPRET=1 "
+            "set before moebal is imported to run them (slowly) on the CPU"
+        )
+    return None
 
 
 def explain_auto(device: torch.device | str) -> tuple[str, str]:
@@ -51,15 +65,16 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     device = torch.device(device)
+    forced = backend == "auto" and _env_override() is not None
     if backend == "auto":
         backend = explain_auto(device)[0]
     if backend == "triton":
-        if not _triton_available():
-            raise RuntimeError("backend='triton' was requested but triton is not installed")
-        if device.type != "cuda" and not _interpreting():
+        why = _triton_blocker(device)
+        if why is not None and forced:  # the user never passed backend='triton': name what did
             raise RuntimeError(
-                f"backend='triton' was requested for {device.type} tensors; Triton kernels need "
-                "CUDA tensors, or TRITON_INTERPRET=1 set before moebal is imported to run them "
-                "(slowly) on the CPU. Use backend='torch' or 'auto' instead."
+                f"MOEBAL_BACKEND=triton in the environment makes backend='auto' use Triton, but {why}. "
+                "Unset MOEBAL_BACKEND or set it to 'torch' or 'auto'."
             )
+        if why is not None:
+            raise RuntimeError(f"backend='triton' was requested, but {why}. Use backend='torch' or 'auto' instead.")
     return backend

@@ -134,6 +134,9 @@ def _run_compare(args, parser) -> int:
         parser.error(str(err))
     if not args.no_plots and importlib.util.find_spec("matplotlib") is None:
         parser.error("the plots need matplotlib: pip install 'moebal[plot]', or pass --no-plots")
+    problem = _backend_env_problem(args.device)
+    if problem:
+        parser.error(problem)
     try:
         out_dir = check_out_dir(args.out)  # before training: minutes of work must not end in a failed write
     except ValueError as err:
@@ -281,15 +284,29 @@ def _run_info(args, parser) -> int:
     else:
         rows.append(("device", f"{device}: {platform.processor() or platform.machine()}, "
                                f"{torch.get_num_threads()} torch threads"))
+    problem = _backend_env_problem(device)
     try:
         backend, reason = explain_auto(device)
-        rows.append(("backend 'auto'", f"{backend} — {reason}"))
+        rows.append(("backend 'auto'", f"{backend} — {reason}" + (" (cannot run here: see stderr)" if problem else "")))
     except ValueError as err:  # a bad MOEBAL_BACKEND value
         rows.append(("backend 'auto'", f"error: {err}"))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key.ljust(width)}  {value}")
+    if problem:
+        print(f"moebal info: warning: {problem}", file=sys.stderr)
     return 0
+
+
+def _backend_env_problem(device: str) -> str | None:
+    """Why ``backend="auto"`` fails on ``device`` here (a bad or unrunnable MOEBAL_BACKEND), or None."""
+    from moebal.backend import resolve_backend
+
+    try:
+        resolve_backend("auto", device)
+    except (ValueError, RuntimeError) as err:
+        return str(err)
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -196,3 +196,85 @@ def test_compare_replaces_results_atomically(tmp_path, capsys):
     umask = os.umask(0)
     os.umask(umask)
     assert mode == 0o666 & ~umask  # as an ordinary open() would have created it
+
+
+# --- MOEBAL_BACKEND: a forced backend that cannot run is named, in info, compare and the forward ---------
+
+def _without_triton(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
+
+
+@pytest.mark.parametrize("triton_missing", [False, True])
+def test_info_warns_when_moebal_backend_forces_triton_that_cannot_run(triton_missing, monkeypatch, capsys):
+    import importlib.util
+
+    monkeypatch.setenv("MOEBAL_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if triton_missing:
+        _without_triton(monkeypatch)
+    elif importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed here")
+    assert main(["info", "--device", "cpu"]) == 0
+    streams = capsys.readouterr()
+    warnings = [line for line in streams.err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "MOEBAL_BACKEND=triton" in warnings[0]
+    if triton_missing:
+        assert "triton is not installed" in warnings[0]
+    else:
+        assert "CUDA" in warnings[0] and "TRITON_INTERPRET=1" in warnings[0]
+    assert "torch" in streams.out  # the report itself is still printed
+
+
+@pytest.mark.parametrize("env", [{"MOEBAL_BACKEND": "torch"}, {"MOEBAL_BACKEND": "auto"},
+                                 {"MOEBAL_BACKEND": "triton", "TRITON_INTERPRET": "1"}])
+def test_info_is_silent_when_the_forced_backend_can_run(env, monkeypatch, capsys):
+    import importlib.util
+
+    if env["MOEBAL_BACKEND"] == "triton" and importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed here")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert main(["info", "--device", "cpu"]) == 0
+    streams = capsys.readouterr()
+    assert streams.err == "" and f"backend 'auto'  {env['MOEBAL_BACKEND'].replace('auto', 'torch')}" in streams.out
+
+
+def test_info_names_a_bad_moebal_backend_value(monkeypatch, capsys):
+    monkeypatch.setenv("MOEBAL_BACKEND", "cuda")
+    assert main(["info", "--device", "cpu"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1
+    assert "MOEBAL_BACKEND" in warnings[0] and "'cuda'" in warnings[0]
+    assert all(name in warnings[0] for name in ("'torch'", "'triton'", "'auto'"))
+
+
+@pytest.mark.parametrize("value, message", [("triton", "MOEBAL_BACKEND=triton"), ("gpu", "MOEBAL_BACKEND must be")])
+def test_compare_checks_moebal_backend_before_training(value, message, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("MOEBAL_BACKEND", value)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    code, streams = _exit_code(_TINY_COMPARE + ["--out", str(tmp_path / "run"), "--no-plots"], capsys)
+    assert code == 2 and message in streams.err
+    assert "corpus:" not in streams.err and "Traceback" not in streams.err
+
+
+@pytest.mark.parametrize("triton_missing", [False, True])
+def test_forward_error_names_moebal_backend_not_an_argument_never_passed(triton_missing, monkeypatch):
+    import moebal
+
+    monkeypatch.setenv("MOEBAL_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if triton_missing:
+        _without_triton(monkeypatch)
+    layer = moebal.MoE(8, 8, num_experts=4, top_k=2)  # backend="auto"
+    with pytest.raises(RuntimeError) as err:
+        layer(torch.randn(5, 8))
+    text = str(err.value)
+    assert "MOEBAL_BACKEND=triton" in text and "backend='triton' was requested" not in text
+    assert ("not installed" if triton_missing else "TRITON_INTERPRET=1") in text
+    # an explicit request is still named as the argument it was
+    monkeypatch.delenv("MOEBAL_BACKEND")
+    with pytest.raises(RuntimeError, match="backend='triton'"):
+        moebal.MoE(8, 8, num_experts=4, top_k=2, backend="triton")(torch.randn(5, 8))
