@@ -176,6 +176,27 @@ def test_fresh_fine_grained_experts_and_router_templates():
     assert torch.isfinite(out.loss)
 
 
+def test_upcycling_a_meta_model_raises_up_front_and_says_what_to_do():
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, **ATTN)
+        )
+    with pytest.raises(ValueError) as err:
+        moebal.swap_ffn(model, 4, 2)
+    text = str(err.value)
+    assert "meta" in text and "model.layers.0.mlp" in text and "Cannot copy out of meta tensor" not in text
+    assert "upcycle=False" in text and "to_empty" in text  # the two ways out
+    assert all(type(layer.mlp).__name__ == "LlamaMLP" for layer in model.model.layers)  # untouched
+    # the way out it names: fresh experts on meta, then real storage and a fresh init
+    report = moebal.swap_ffn(model, 4, 2, upcycle=False)
+    assert [r.layer for r in report] == [0, 1]
+    moe = model.model.layers[0].mlp
+    assert all(p.is_meta for p in moe.parameters())
+    moe.to_empty(device="cpu")
+    moe.reset_parameters()
+    assert torch.isfinite(moe(torch.randn(3, 64))).all()
+
+
 def test_bf16_model_keeps_expert_dtype_and_an_fp32_router():
     model = _dense("llama").to(torch.bfloat16)
     ids = _ids(5)

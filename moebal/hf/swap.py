@@ -268,6 +268,27 @@ def _scan(model: nn.Module) -> list:
     return stacks
 
 
+def _refuse_meta_weights(stacks: list, wanted: list[int] | None) -> None:
+    """Upcycling copies the dense weights: refuse, before touching anything, FFNs whose
+    weights live on the meta device (shapes only, no values to copy)."""
+    meta = [
+        path
+        for _, entries in stacks
+        for i, _, _, found in entries
+        if wanted is None or i in wanted
+        for path, ffn, spec in found
+        if isinstance(spec, DenseSpec) and any(p.is_meta for p in ffn.parameters())
+    ]
+    if meta:
+        raise ValueError(
+            f"upcycle=True copies each dense FFN into every expert, but {', '.join(meta)} "
+            f"{'has its' if len(meta) == 1 else 'have their'} weights on the meta device (shapes only, no values). "
+            "Load the dense weights first (from_pretrained, or model.to_empty(device=...) then "
+            "load_state_dict(...)) and swap after; or pass upcycle=False for fresh experts, then "
+            "model.to_empty(device=...) and reset_parameters() or load_state_dict(...)."
+        )
+
+
 def swap_ffn(
     model: nn.Module,
     num_experts: int,
@@ -300,6 +321,8 @@ def swap_ffn(
     Raises:
         ConversionError: nothing matched, a requested layer has no dense FFN, or an FFN
         has a structure moebal cannot represent.
+        ValueError: ``upcycle=True`` on FFNs whose weights are on the meta device (nothing
+        to copy); the model is left untouched.
     """
     wanted = None if layers is None else sorted(set(int(i) for i in layers))
     stacks = _scan(model)
@@ -313,6 +336,9 @@ def swap_ffn(
         bad = [i for i in wanted if not 0 <= i < size]
         if bad:
             raise ValueError(f"layers {bad} out of range: the model has {size} decoder layers")
+
+    if upcycle:
+        _refuse_meta_weights(stacks, wanted)
 
     report = SwapReport()
     for _, entries in stacks:
