@@ -381,11 +381,13 @@ class GroupedExperts(nn.Module):
 
     ``bias=True`` adds ``b_in_EH`` after the first GEMM and ``b_out_ED`` after the second.
     ``path`` picks the GEMM strategy (see ``expert_ffn``); a plain attribute, settable.
+    ``device``/``dtype`` are factory kwargs, as ``nn.Linear`` takes them (``device="meta"``
+    allocates nothing; ``to_empty()`` then ``reset_parameters()`` makes a usable module).
     """
 
     def __init__(
         self, d_model: int, d_ff: int, num_experts: int, activation: str = "swiglu", bias: bool = False,
-        path: str = "auto",
+        path: str = "auto", device=None, dtype=None,
     ):
         super().__init__()
         if activation not in ACTIVATIONS:
@@ -395,11 +397,12 @@ class GroupedExperts(nn.Module):
         self.path = path
         self.d_model, self.d_ff, self.num_experts, self.activation = d_model, d_ff, num_experts, activation
         hidden = 2 * d_ff if activation == "swiglu" else d_ff
-        self.w_in_EDH = nn.Parameter(torch.empty(num_experts, d_model, hidden))
-        self.w_out_EFD = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
+        factory = dict(device=device, dtype=dtype)
+        self.w_in_EDH = nn.Parameter(torch.empty(num_experts, d_model, hidden, **factory))
+        self.w_out_EFD = nn.Parameter(torch.empty(num_experts, d_ff, d_model, **factory))
         if bias:
-            self.b_in_EH = nn.Parameter(torch.empty(num_experts, hidden))
-            self.b_out_ED = nn.Parameter(torch.empty(num_experts, d_model))
+            self.b_in_EH = nn.Parameter(torch.empty(num_experts, hidden, **factory))
+            self.b_out_ED = nn.Parameter(torch.empty(num_experts, d_model, **factory))
         else:
             self.b_in_EH = self.b_out_ED = None
         self.reset_parameters()

@@ -24,14 +24,18 @@ __all__ = ["MoE", "DenseFFN"]
 class DenseFFN(nn.Module):
     """A dense FFN with the experts' activation (used for shared experts and baselines)."""
 
-    def __init__(self, d_model: int, d_ff: int, activation: str = "swiglu"):
+    def __init__(self, d_model: int, d_ff: int, activation: str = "swiglu", device=None, dtype=None):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         self.activation = activation
         hidden = 2 * d_ff if activation == "swiglu" else d_ff
-        self.w_in = nn.Linear(d_model, hidden, bias=False)
-        self.w_out = nn.Linear(d_ff, d_model, bias=False)
+        self.w_in = nn.Linear(d_model, hidden, bias=False, device=device, dtype=dtype)
+        self.w_out = nn.Linear(d_ff, d_model, bias=False, device=device, dtype=dtype)
+
+    def reset_parameters(self) -> None:
+        self.w_in.reset_parameters()
+        self.w_out.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w_out(activate(self.w_in(x), self.activation))
@@ -60,9 +64,29 @@ class MoE(nn.Module):
         shared_gate: scale the shared FFN's output by ``sigmoid(x w_gate)`` (Qwen2-MoE),
             a learned ``shared_gate.weight [1, D]``.
         ffn_bias: give every expert biases ``b_in_EH`` / ``b_out_ED`` (GPT-2-style FFNs).
+        device, dtype: factory kwargs for every parameter, as ``nn.Linear`` takes them
+            (the loss-free bias stays fp32 and the counters int64 whatever ``dtype``).
+            ``device="meta"``, then ``to_empty(device=...)`` and ``reset_parameters()``,
+            gives a usable layer.
 
     After each forward, ``aux_loss`` holds the router's balancing loss (a scalar tensor,
-    zero when the policy has none) and ``last_stats`` a :class:`BalanceStats`.
+    zero when the policy has none; it carries the graph: add it to the loss) and
+    ``last_stats`` a :class:`BalanceStats`. Copies (``copy.deepcopy``, pickle,
+    ``torch.save`` of the module, ``AveragedModel``) take a detached ``aux_loss``.
+
+    Training setups:
+        - ``torch.autocast``: the expert GEMMs (and the shared experts) run in the autocast
+          dtype, as ``nn.Linear`` would, and the output has that dtype; the router always
+          runs in fp32.
+        - Activation checkpointing (``torch.utils.checkpoint`` in both modes, HF's
+          ``gradient_checkpointing_enable()``): the recompute routes exactly as the first
+          pass did and counts nothing (see :mod:`moebal.recompute`). With
+          ``use_reentrant=False`` (HF's default), ``aux_loss`` read after the forward
+          carries the gradient as usual. With ``use_reentrant=True`` the first pass runs
+          under ``no_grad``, so ``aux_loss`` read after the forward has no gradient:
+          return it from the checkpointed function instead
+          (``def block(x): y = moe(x); return y, moe.aux_loss``), and the checkpoint
+          backpropagates it.
     """
 
     def __init__(
@@ -80,6 +104,8 @@ class MoE(nn.Module):
         shared_d_ff: int | None = None,
         shared_gate: bool = False,
         ffn_bias: bool = False,
+        device=None,
+        dtype=None,
     ):
         super().__init__()
         for name, value in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts), ("top_k", top_k)):
@@ -108,19 +134,37 @@ class MoE(nn.Module):
             raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {drop_policy!r}")
         self.d_model, self.d_ff, self.num_experts, self.top_k = d_model, d_ff, num_experts, top_k
         self.capacity_factor, self.backend, self.drop_policy = capacity_factor, backend, drop_policy
-        self.router = make_router(router, d_model, num_experts, top_k)
-        self.experts = GroupedExperts(d_model, d_ff, num_experts, activation, bias=ffn_bias)
+        factory = dict(device=device, dtype=dtype)
+        self.router = make_router(router, d_model, num_experts, top_k, **factory)
+        self.experts = GroupedExperts(d_model, d_ff, num_experts, activation, bias=ffn_bias, **factory)
         shared_hidden = shared_d_ff if shared_d_ff is not None else num_shared_experts * d_ff
-        self.shared = DenseFFN(d_model, shared_hidden, activation) if num_shared_experts else None
-        self.shared_gate = nn.Linear(d_model, 1, bias=False) if shared_gate else None
+        self.shared = DenseFFN(d_model, shared_hidden, activation, **factory) if num_shared_experts else None
+        self.shared_gate = nn.Linear(d_model, 1, bias=False, **factory) if shared_gate else None
         self.aux_loss: torch.Tensor = torch.zeros(())
         self.last_stats: BalanceStats | None = None
 
+    def reset_parameters(self) -> None:
+        """Re-initialise every parameter (as at construction) and zero the balancing state."""
+        self.router.reset_parameters()
+        self.experts.reset_parameters()
+        if self.shared is not None:
+            self.shared.reset_parameters()
+        if self.shared_gate is not None:
+            self.shared_gate.reset_parameters()
+
+    def __getstate__(self):
+        # deepcopy, pickle and torch.save copy the module's __dict__: the live aux loss holds
+        # the autograd graph (which cannot be copied), so a copy takes its value only
+        state = super().__getstate__()
+        state["aux_loss"] = self.aux_loss.detach().clone()
+        return state
+
     def capacity(self, num_tokens: int) -> int | None:
-        """Rows per expert for ``num_tokens`` tokens (None when dropless)."""
+        """Rows per expert for ``num_tokens`` tokens (None when dropless), at most ``num_tokens``:
+        an expert receives each token at most once, so more rows could never be filled."""
         if self.capacity_factor is None:
             return None
-        return max(1, math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts))
+        return max(1, min(num_tokens, math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
@@ -133,6 +177,11 @@ class MoE(nn.Module):
         x_TD = x.reshape(-1, self.d_model)
         seq_len = shape[-2] if x.dim() >= 3 else None
         routing = self.router(x_TD, seq_len=seq_len)
+        device_type = x_TD.device.type
+        if torch.is_autocast_enabled(device_type) and x_TD.dtype != torch.float64:
+            # as nn.Linear under autocast: the GEMMs' operands in the autocast dtype (the experts
+            # cast their weights to the rows' dtype), fp32 master weights get fp32 gradients
+            x_TD = x_TD.to(torch.get_autocast_dtype(device_type))
         plan = build_plan(
             routing.indices, self.num_experts, self.capacity(x_TD.shape[0]), routing.weights, self.drop_policy,
             backend=self.backend,
@@ -144,22 +193,26 @@ class MoE(nn.Module):
                     f"resolves to 'torch' for {x_TD.device.type} tensors; use backend='triton' (CUDA, or the CPU "
                     "under TRITON_INTERPRET=1) or another experts.path"
                 )
-            ys_RD = self.experts.forward_tokens(x_TD, plan)
+            with torch.autocast(device_type, enabled=False):
+                ys_RD = self.experts.forward_tokens(x_TD, plan)
         else:
             xs_RD = dispatch_rows(x_TD, plan, self.backend)
-            ys_RD = self.experts(xs_RD, plan)
+            with torch.autocast(device_type, enabled=False):  # x_TD already has the compute dtype
+                ys_RD = self.experts(xs_RD, plan)
         y_TD = combine_rows(ys_RD, plan, routing.weights, self.backend)
         if self.shared is not None:
             shared_TD = self.shared(x_TD)
             if self.shared_gate is not None:
                 shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
             y_TD = y_TD + shared_TD
+        if routing.replayed:  # a non-reentrant checkpoint's recompute: the first pass already logged
+            return y_TD.view(shape[:-1] + (self.d_model,))
         self.aux_loss = routing.aux_loss
         self.last_stats = BalanceStats(
             load=plan.counts_E, kept=plan.kept_E, num_tokens=x_TD.shape[0], top_k=self.top_k,
             nonfinite_tokens=routing.nonfinite_tokens,
         )
-        return y_TD.view(shape)
+        return y_TD.view(shape[:-1] + (self.d_model,))
 
     def extra_repr(self) -> str:
         return (

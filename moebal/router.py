@@ -18,14 +18,25 @@ bias. Set it with ``Router(..., balance_group=...)`` or ``moebal.parallel.set_ba
 """
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from moebal import routing as R
+from moebal.recompute import Selection, SelectionLog, fingerprint, in_backward, saving_under_hooks
 
 __all__ = ["Router", "Routing", "AuxLoss", "LossFree", "LinearAssignment", "update_biases", "make_router"]
+
+
+def _check_coefficient(name: str, value) -> None:
+    """A finite number >= 0 (NaN and inf would poison every step silently)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -45,8 +56,7 @@ class AuxLoss:
     variant: str = "batch"
 
     def __post_init__(self):
-        if not isinstance(self.alpha, (int, float)) or self.alpha < 0:
-            raise ValueError(f"AuxLoss alpha must be a non-negative number, got {self.alpha!r}")
+        _check_coefficient("AuxLoss alpha", self.alpha)
         if self.variant not in ("batch", "sequence", "global_batch"):
             raise ValueError(f"AuxLoss variant must be 'batch', 'sequence' or 'global_batch', got {self.variant!r}")
 
@@ -59,8 +69,7 @@ class LossFree:
     update: str = "auto"
 
     def __post_init__(self):
-        if not isinstance(self.rate, (int, float)) or self.rate < 0:
-            raise ValueError(f"LossFree rate must be a non-negative number, got {self.rate!r}")
+        _check_coefficient("LossFree rate", self.rate)
         if self.update not in ("auto", "manual"):
             raise ValueError(f"LossFree update must be 'auto' or 'manual', got {self.update!r}")
 
@@ -85,6 +94,7 @@ class Routing:
     scores: torch.Tensor  # fp32 [T, E], softmax/sigmoid scores
     aux_loss: torch.Tensor  # fp32 scalar, already multiplied by its coefficients; 0 if none
     nonfinite_tokens: torch.Tensor  # int64 scalar, tokens whose logits were not all finite
+    replayed: bool = False  # an activation checkpoint's recompute that replayed the first pass's selection
 
 
 class Router(nn.Module):
@@ -97,13 +107,25 @@ class Router(nn.Module):
         z_loss: coefficient of the router z-loss (0 = off).
         renormalize: renormalise the top-k weights to sum 1. Default (None): True when
             top_k > 1; False for top_k == 1, where renormalising would make every weight 1
-            and cut the router off from the task gradient.
+            and cut the router off from the task gradient (setting it True then warns).
         scale: multiplier applied to the final weights (DeepSeek's routed scaling factor).
         balance_group: process group over which balancing counts are summed (see the
             module docstring); None keeps them local.
+        device, dtype: factory kwargs for the gate weight, as ``nn.Linear`` takes them.
 
     Non-finite logits: the token is still routed to K valid experts (NaN ranks lowest), its
-    weights are NaN so the loss shows it, and ``Routing.nonfinite_tokens`` counts it.
+    weights are NaN so the loss shows it, and ``Routing.nonfinite_tokens`` counts it; it
+    is never counted in a balancing statistic, so it cannot move a bias.
+
+    Balancing state follows BatchNorm's manners: the loss-free ``expert_bias`` stays fp32
+    under ``.to(dtype)``/``.half()``/``.bfloat16()``/``.double()`` and the counters stay
+    int64. The counters (``load_counts``, the global-batch window) are each rank's own:
+    they are saved in ``state_dict`` but are not module buffers, so DDP's buffer broadcast
+    (``broadcast_buffers=True``) never overwrites one rank's pending counts with another's.
+
+    State moves only in a training forward with grad enabled (a ``torch.no_grad()``
+    forward in training mode routes but is not a training step), once per forward even
+    under activation checkpointing: see :mod:`moebal.recompute`.
     """
 
     def __init__(
@@ -117,6 +139,8 @@ class Router(nn.Module):
         renormalize: bool | None = None,
         scale: float = 1.0,
         balance_group=None,
+        device=None,
+        dtype=None,
     ):
         super().__init__()
         for name, value in (("d_model", d_model), ("num_experts", num_experts), ("top_k", top_k)):
@@ -130,24 +154,87 @@ class Router(nn.Module):
             raise ValueError(f"score must be 'softmax' or 'sigmoid', got {score!r}")
         if balancer is not None and not isinstance(balancer, (AuxLoss, LossFree, LinearAssignment)):
             raise TypeError(f"balancer must be AuxLoss, LossFree, LinearAssignment or None, got {balancer!r}")
-        if not isinstance(z_loss, (int, float)) or z_loss < 0:
-            raise ValueError(f"z_loss must be a non-negative number, got {z_loss!r}")
+        _check_coefficient("z_loss", z_loss)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(f"scale must be a finite number, got {scale!r}")
         self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
         self.score, self.balancer, self.z_loss, self.scale = score, balancer, float(z_loss), float(scale)
         self.renormalize = (top_k > 1) if renormalize is None else bool(renormalize)
-        self.gate = nn.Linear(d_model, num_experts, bias=False)
+        self.gate = nn.Linear(d_model, num_experts, bias=False, device=device, dtype=dtype)
+        counter = dict(dtype=torch.int64, device=device)
         if isinstance(balancer, LossFree):
-            self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
-            self.register_buffer("load_counts", torch.zeros(num_experts, dtype=torch.int64))
+            self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32, device=device))
+            self._local = {"load_counts": torch.zeros(num_experts, **counter)}
         else:
             self.expert_bias = None
+            self._local = {}
         self.balance_group = balance_group
         if isinstance(balancer, AuxLoss) and balancer.variant == "global_batch":
             # the step's window: summed counts [E] + routed pairs, and local detached
             # sums of P and tokens for the exact step value (GlobalBatchBalance)
-            self.register_buffer("window_counts", torch.zeros(num_experts + 1, dtype=torch.int64), persistent=False)
-            self.register_buffer("window_probs", torch.zeros(num_experts + 1, dtype=torch.float64), persistent=False)
+            self._local["window_counts"] = torch.zeros(num_experts + 1, **counter)
+            self._local["window_probs"] = torch.zeros(num_experts + 1, dtype=torch.float64, device=device)
             self.window_open = False
+        self._selections = SelectionLog()
+
+    # --- state: counters that are each rank's own, a bias that keeps fp32 ----------------
+
+    load_counts = property(lambda self: self._local["load_counts"], doc="int64 [E] pairs counted since the last bias update")
+    window_counts = property(lambda self: self._local["window_counts"])
+    window_probs = property(lambda self: self._local["window_probs"])
+    _PERSISTENT_LOCAL = ("load_counts",)  # saved in state_dict under the same key as when it was a buffer
+
+    def _apply(self, fn, recurse=True):
+        bias = self.expert_bias
+        super()._apply(fn, recurse)
+        if bias is not None and self.expert_bias.dtype != torch.float32:  # a dtype cast: keep fp32, move only
+            self._buffers["expert_bias"] = bias.to(device=self.expert_bias.device)
+        for name, t in self._local.items():
+            moved = fn(t)
+            self._local[name] = moved if moved.dtype == t.dtype else t.to(device=moved.device)
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name in self._PERSISTENT_LOCAL:
+            if name in self._local:
+                destination[prefix + name] = self._local[name]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        for name in self._PERSISTENT_LOCAL:
+            key = prefix + name
+            if name not in self._local:
+                continue
+            if key in unexpected_keys:
+                unexpected_keys.remove(key)
+            if key not in state_dict:
+                if strict:
+                    missing_keys.append(key)
+                continue
+            value = state_dict[key]
+            if value.shape != self._local[name].shape:
+                error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(value.shape)}, "
+                                  f"the shape in current model is {tuple(self._local[name].shape)}.")
+                continue
+            with torch.no_grad():
+                self._local[name].copy_(value)
+
+    @property
+    def renormalize(self) -> bool:
+        return self._renormalize
+
+    @renormalize.setter
+    def renormalize(self, value: bool) -> None:
+        if value and self.top_k == 1:
+            warnings.warn(
+                "Router(top_k=1, renormalize=True): every renormalised weight is exactly 1, so the router gets no "
+                "gradient from the task loss (only from a balancing loss; with LossFree or LinearAssignment it "
+                "is not trained at all). Use renormalize=False or top_k >= 2.",
+                UserWarning,
+                stacklevel=3,
+            )
+        self._renormalize = bool(value)
 
     @property
     def balance_group(self):
@@ -158,6 +245,17 @@ class Router(nn.Module):
     def balance_group(self, group) -> None:
         self._balance_group = _GroupRef(group)
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """A fresh gate (``nn.Linear``'s init), a zero bias and zero counters."""
+        self.gate.reset_parameters()
+        if self.expert_bias is not None:
+            self.expert_bias.zero_()
+        for t in self._local.values():
+            t.zero_()
+
+    # --- forward ----------------------------------------------------------------------------
+
     def forward(self, x_TD: torch.Tensor, seq_len: int | None = None) -> Routing:
         """Route ``x [T, D]``; ``seq_len`` (rows per sequence) is needed by the sequence aux loss."""
         if x_TD.dim() != 2 or x_TD.shape[-1] != self.d_model:
@@ -165,17 +263,31 @@ class Router(nn.Module):
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             logits_TE = nn.functional.linear(x_TD.float(), self.gate.weight.float())
         E, K = self.num_experts, self.top_k
-        nonfinite = (~torch.isfinite(logits_TE).all(dim=-1)).sum()
+        finite_T = torch.isfinite(logits_TE).all(dim=-1)
+        nonfinite = (~finite_T).sum()
         bal = self.balancer
+        eager_training = self.training and not torch.compiler.is_compiling()
+        replay = None
+        if eager_training and in_backward():  # a checkpoint's recompute: replay the first pass
+            replay = self._selections.find(logits_TE)
+            if replay is None and saving_under_hooks():
+                raise RuntimeError(
+                    "moebal.Router: a non-reentrant checkpoint recomputed this router, but its first pass left no "
+                    "selection to replay (was the first pass run in eval mode or under no_grad?)"
+                )
+        # a training step moves state; a no-grad forward or a replayed recompute does not
+        commits = self.training and torch.is_grad_enabled() and replay is None
+        # the recompute must run the same ops as the first pass (checkpoint matches the tensors
+        # they save by order): only what the selection depended on is swapped for the record
         scores_TE = R.scores_from_logits(logits_TE, self.score)
+        bias = None
         if isinstance(bal, LinearAssignment) and self.training:
             with torch.no_grad():
-                indices_TK = _assign(scores_TE.detach(), K, bal.solver)
-            weights_TK = scores_TE.gather(1, indices_TK)
-            if self.renormalize:
-                weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
+                indices_TK = replay.indices_TK if replay is not None else _assign(scores_TE.detach(), K, bal.solver)
+            weights_TK = self._weights_at(scores_TE, indices_TK)
         else:
-            bias = self.expert_bias if isinstance(bal, LossFree) else None
+            if isinstance(bal, LossFree):
+                bias = replay.bias_E if replay is not None else self.expert_bias
             # topk_routing scores the logits again (~30 us at T=1024, E=16): reusing scores_TE would
             # merge the weights' and the aux loss's softmax backward into one, changing training
             # at the last bit, and with it every recorded `moebal compare` result
@@ -184,6 +296,7 @@ class Router(nn.Module):
             weights_TK = weights_TK * self.scale
 
         aux = logits_TE.new_zeros(())
+        fraction_E = None
         if isinstance(bal, AuxLoss) and bal.alpha > 0 and self.training:
             probs_TE = scores_TE if self.score == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True)
             if bal.variant == "sequence":
@@ -191,38 +304,57 @@ class Router(nn.Module):
                     raise ValueError("AuxLoss(variant='sequence') needs seq_len (pass x as [B, S, D] to MoE)")
                 aux = aux + bal.alpha * R.sequence_aux_loss(probs_TE, indices_TK, E, seq_len)
             elif bal.variant == "global_batch":
-                aux = aux + bal.alpha * self._global_aux_loss(probs_TE, indices_TK)
+                fraction_E = replay.fraction_E if replay is not None else self._window_fraction(indices_TK, finite_T, probs_TE, commits)
+                aux = aux + bal.alpha * E * torch.dot(fraction_E, probs_TE.float().mean(dim=0)) if probs_TE.shape[0] else aux
             else:
                 aux = aux + bal.alpha * R.switch_aux_loss(probs_TE, indices_TK, E)
         if self.z_loss > 0 and self.training:
             aux = aux + self.z_loss * R.router_z_loss(logits_TE)
 
-        if isinstance(bal, LossFree) and self.training and torch.is_grad_enabled():
+        if eager_training and replay is None and torch.is_grad_enabled() and saving_under_hooks():
+            selection = Selection(
+                logits_TE.shape[0], fingerprint(logits_TE), indices_TK, fraction_E, None if bias is None else bias.clone()
+            )
+            weights_TK = self._selections.hold(weights_TK, selection)
+        if isinstance(bal, LossFree) and commits:
             with torch.no_grad():
-                flat = indices_TK.reshape(-1)
-                self.load_counts.scatter_add_(0, flat, torch.ones_like(flat))
+                self.load_counts.scatter_add_(0, indices_TK.reshape(-1), _pair_counts(finite_T, K))
                 if bal.update == "auto":
                     _all_reduce_sum(self.load_counts, self.balance_group)
                     self.apply_bias_update()
-        return Routing(indices_TK, weights_TK, scores_TE, aux, nonfinite)
+        return Routing(indices_TK, weights_TK, scores_TE, aux, nonfinite, replayed=replay is not None)
 
-    def _global_aux_loss(self, probs_TE: torch.Tensor, indices_TK: torch.Tensor) -> torch.Tensor:
-        """``E * sum_i f_i P_i``: f from the window's summed counts, P from these tokens."""
+    def _weights_at(self, scores_TE: torch.Tensor, indices_TK: torch.Tensor) -> torch.Tensor:
+        """The combine weights of a given selection: the chosen scores, renormalised if asked."""
+        weights_TK = scores_TE.gather(1, indices_TK)
+        if self.renormalize:
+            weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
+        return weights_TK
+
+    @torch.no_grad()
+    def _window_fraction(self, indices_TK, finite_T, probs_TE, commits: bool) -> torch.Tensor:
+        """f_E of the global-batch loss: the window's counts (summed over the group) with these.
+
+        Only a committing forward adds to the window; a no-grad training forward sees the
+        counts it would add without adding them.
+        """
         E = self.num_experts
-        with torch.no_grad():
-            flat = indices_TK.reshape(-1)
-            counts = torch.zeros(E + 1, dtype=torch.int64, device=flat.device)
-            counts.scatter_add_(0, flat, torch.ones_like(flat))
-            counts[E] = flat.numel()
-            _all_reduce_sum(counts, self.balance_group)
-            if not self.window_open:  # outside a GlobalBatchBalance window every forward is its own step
-                self.window_counts.zero_()
+        counts = torch.zeros(E + 1, dtype=torch.int64, device=indices_TK.device)
+        counts[:E].scatter_add_(0, indices_TK.reshape(-1), _pair_counts(finite_T, indices_TK.shape[1]))
+        counts[E] = counts[:E].sum()
+        _all_reduce_sum(counts, self.balance_group)
+        window = self.window_counts
+        if not self.window_open:  # outside a GlobalBatchBalance window every forward is its own step
+            window = torch.zeros_like(window) if not commits else window.zero_()
+            if commits:
                 self.window_probs.zero_()
-            self.window_counts += counts
+        if commits:
+            window += counts
             self.window_probs[:E] += probs_TE.detach().sum(0).double()
             self.window_probs[E] += probs_TE.shape[0]
-            f_E = self.window_counts[:E].float() / self.window_counts[E].clamp(min=1).float()
-        return E * torch.dot(f_E, probs_TE.float().mean(dim=0))
+        else:
+            window = window + counts
+        return window[:E].float() / window[E].clamp(min=1).float()
 
     @torch.no_grad()
     def apply_bias_update(self, load_E: torch.Tensor | None = None) -> None:
@@ -238,6 +370,11 @@ class Router(nn.Module):
             f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, score={self.score!r}, "
             f"balancer={self.balancer}, z_loss={self.z_loss}, renormalize={self.renormalize}"
         )
+
+
+def _pair_counts(finite_T: torch.Tensor, top_k: int) -> torch.Tensor:
+    """int64 [T*K]: 1 for each (token, slot) pair of a token with finite logits, else 0."""
+    return finite_T.unsqueeze(1).expand(-1, top_k).reshape(-1).long()
 
 
 class _GroupRef:
@@ -265,8 +402,9 @@ def _assign(scores_TE: torch.Tensor, top_k: int, solver: str) -> torch.Tensor:
     return assignment.assign(scores_TE, top_k, solver=solver)
 
 
-def make_router(spec, d_model: int, num_experts: int, top_k: int) -> Router:
-    """Build a router from ``"aux_loss"``, ``"loss_free"``, ``"base"`` or pass a Router through."""
+def make_router(spec, d_model: int, num_experts: int, top_k: int, device=None, dtype=None) -> Router:
+    """Build a router from ``"aux_loss"``, ``"loss_free"``, ``"base"`` or pass a Router through
+    (``device``/``dtype`` are factory kwargs for a router built here)."""
     if isinstance(spec, Router):
         if (spec.d_model, spec.num_experts, spec.top_k) != (d_model, num_experts, top_k):
             raise ValueError(
@@ -274,12 +412,13 @@ def make_router(spec, d_model: int, num_experts: int, top_k: int) -> Router:
                 f"the layer has {(d_model, num_experts, top_k)}"
             )
         return spec
+    factory = dict(device=device, dtype=dtype)
     if spec == "aux_loss":
-        return Router(d_model, num_experts, top_k, score="softmax", balancer=AuxLoss())
+        return Router(d_model, num_experts, top_k, score="softmax", balancer=AuxLoss(), **factory)
     if spec == "loss_free":
-        return Router(d_model, num_experts, top_k, score="sigmoid", balancer=LossFree())
+        return Router(d_model, num_experts, top_k, score="sigmoid", balancer=LossFree(), **factory)
     if spec == "base":
-        return Router(d_model, num_experts, top_k, score="softmax", balancer=LinearAssignment())
+        return Router(d_model, num_experts, top_k, score="softmax", balancer=LinearAssignment(), **factory)
     raise ValueError(f"router must be 'aux_loss', 'loss_free', 'base' or a moebal.Router, got {spec!r}")
 
 

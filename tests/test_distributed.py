@@ -122,6 +122,44 @@ def check_loss_free_biases_bit_identical(rank, world):
     assert auto.expert_bias.abs().sum() > 0
 
 
+def _reference_counts(x_TD, gate_ED, bias_E):
+    """float64 top-K of sigmoid(x W^T) + bias, counted per expert (an independent router)."""
+    select_TE = torch.sigmoid(x_TD.double() @ gate_ED.double().t()) + bias_E.double()
+    idx = torch.sort(select_TE, dim=-1, descending=True, stable=True).indices[:, :K]
+    return torch.bincount(idx.reshape(-1), minlength=E)
+
+
+def check_ddp_broadcast_buffers_keeps_every_ranks_counts(rank, world):
+    """DDP with its default broadcast_buffers=True, 3 micro-batches accumulated without
+    no_sync: each rank keeps its own pending loss-free counts (DDP broadcasts rank 0's
+    buffers before every forward), and update_biases gives one bit-identical bias."""
+    torch.manual_seed(21)
+    moe = moebal.MoE(D, F, E, K, router=Router(D, E, K, score="sigmoid", balancer=LossFree(rate=1e-2, update="manual")))
+    with torch.no_grad():
+        moe.router.expert_bias.copy_(torch.linspace(-0.05, 0.05, E))
+    bias0 = moe.router.expert_bias.clone()
+    ddp = torch.nn.parallel.DistributedDataParallel(moe)
+    expected = torch.zeros(E, dtype=torch.int64)
+    for micro in range(3):
+        xs = _batches(world, 17 + micro, seed=300 + micro)
+        ddp(xs[rank]).square().mean().backward()
+        expected += _reference_counts(xs[rank], moe.router.gate.weight.detach(), bias0)
+    got = moe.router.load_counts.clone()
+    moebal.update_biases(moe)
+    biases = [torch.empty(E) for _ in range(world)]
+    dist.all_gather(biases, moe.router.expert_bias)
+    total = torch.zeros(E, dtype=torch.int64)
+    for r in range(world):  # every rank's counts, computed independently on this rank
+        for micro in range(3):
+            xs = _batches(world, 17 + micro, seed=300 + micro)
+            total += _reference_counts(xs[r], moe.router.gate.weight.detach(), bias0)
+    assert torch.equal(got, expected), f"rank {rank} counts {got.tolist()} != its own {expected.tolist()}"
+    want = bias0 + 1e-2 * torch.sign(total.sum() - E * total).float()
+    for r, b in enumerate(biases):
+        assert torch.equal(b, biases[0]), f"rank {r} bias {b.tolist()} != rank 0 {biases[0].tolist()}"
+    assert torch.equal(moe.router.expert_bias, want), (moe.router.expert_bias.tolist(), want.tolist())
+
+
 def check_global_batch_aux_loss(rank, world):
     """R ranks x G micro-batches: the step's loss is the concatenated batch's loss; the
     gradient does not depend on R and, when f is the whole step's, is the concat gradient."""
