@@ -297,7 +297,8 @@ class Router(nn.Module):
 
         aux = logits_TE.new_zeros(())
         fraction_E = None
-        if isinstance(bal, AuxLoss) and bal.alpha > 0 and self.training:
+        has_tokens = logits_TE.shape[0] > 0  # no tokens, no loss (exactly 0, never NaN)
+        if isinstance(bal, AuxLoss) and bal.alpha > 0 and self.training and has_tokens:
             probs_TE = scores_TE if self.score == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True)
             if bal.variant == "sequence":
                 if seq_len is None:
@@ -305,10 +306,10 @@ class Router(nn.Module):
                 aux = aux + bal.alpha * R.sequence_aux_loss(probs_TE, indices_TK, E, seq_len)
             elif bal.variant == "global_batch":
                 fraction_E = replay.fraction_E if replay is not None else self._window_fraction(indices_TK, finite_T, probs_TE, commits)
-                aux = aux + bal.alpha * E * torch.dot(fraction_E, probs_TE.float().mean(dim=0)) if probs_TE.shape[0] else aux
+                aux = aux + bal.alpha * E * torch.dot(fraction_E, probs_TE.float().mean(dim=0))
             else:
                 aux = aux + bal.alpha * R.switch_aux_loss(probs_TE, indices_TK, E)
-        if self.z_loss > 0 and self.training:
+        if self.z_loss > 0 and self.training and has_tokens:
             aux = aux + self.z_loss * R.router_z_loss(logits_TE)
 
         if eager_training and replay is None and torch.is_grad_enabled() and saving_under_hooks():

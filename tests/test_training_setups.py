@@ -319,3 +319,64 @@ def test_meta_init_to_empty_reset_parameters(router):
         assert torch.isfinite(p).all() and p.abs().max() <= 1 / min(D, F) ** 0.5 + 1e-6
     y = moe(_x(T=16))
     assert torch.isfinite(y).all()
+
+
+# --- degenerate input and hyper-parameters at the router/layer level ---------------------
+
+
+@pytest.mark.parametrize("make", [
+    lambda v: LossFree(rate=v), lambda v: AuxLoss(alpha=v), lambda v: Router(D, E, K, z_loss=v),
+])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1e-3])
+def test_non_finite_or_negative_coefficients_raise(make, value):
+    with pytest.raises(ValueError, match=r"(rate|alpha|z_loss).*" + ("nan" if value != value else "")):
+        make(value)
+
+
+def test_non_finite_tokens_never_move_the_bias():
+    """Only the finite tokens are counted: the update equals one computed by hand from them."""
+    torch.manual_seed(13)
+    router = Router(D, E, K, score="sigmoid", balancer=LossFree(rate=0.01, update="manual"))
+    x = _x(T=30)
+    x[[3, 17]] = float("nan")
+    x[5, 0] = float("inf")
+    routing = router(x)
+    assert int(routing.nonfinite_tokens) == 3
+    finite = torch.ones(30, dtype=torch.bool)
+    finite[[3, 5, 17]] = False
+    want = torch.bincount(routing.indices[finite].reshape(-1), minlength=E)
+    assert torch.equal(router.load_counts, want) and int(want.sum()) == 27 * K
+    nan_only = Router(D, E, K, score="sigmoid", balancer=LossFree(rate=0.01))
+    nan_only(torch.full((4, D), float("nan")))
+    assert torch.equal(nan_only.expert_bias, torch.zeros(E))  # sign(0) everywhere: no movement
+
+
+@pytest.mark.parametrize("router", ["aux_batch", "aux_sequence", "aux_global_batch", "loss_free", "base"])
+def test_zero_tokens_give_zero_losses_and_an_empty_output(router):
+    if router.startswith("aux_"):
+        router = Router(D, E, K, balancer=AuxLoss(alpha=0.1, variant=router[4:]), z_loss=1e-3)
+    moe = moebal.MoE(D, F, E, K, router=router, capacity_factor=1.0)
+    x = torch.zeros(2, 0, D, requires_grad=True)
+    y = moe(x)
+    assert y.shape == (2, 0, D)
+    assert moe.aux_loss.item() == 0.0 and torch.isfinite(moe.aux_loss)
+    (y.sum() + moe.aux_loss).backward()
+    assert all(torch.isfinite(p.grad).all() for p in moe.parameters() if p.grad is not None)
+    assert int(moe.last_stats.load.sum()) == 0
+
+
+def test_capacity_is_capped_at_the_token_count():
+    moe = moebal.MoE(D, F, E, K, capacity_factor=1e9)
+    assert moe.capacity(16) == 16 and moe.capacity(1) == 1
+    y = moe(_x(T=16))
+    assert y.shape == (16, D) and int(moe.last_stats.dropped_fraction) == 0
+    assert moebal.MoE(D, F, E, K, capacity_factor=1.0).capacity(16) == 4  # ceil(1.0 * 16 * 2 / 8)
+
+
+def test_top_k_1_with_renormalisation_warns_once_per_router():
+    with pytest.warns(UserWarning, match="top_k=1, renormalize=True"):
+        Router(D, E, 1, renormalize=True)
+    r = Router(D, E, 1, score="sigmoid", balancer=LossFree())
+    assert r.renormalize is False  # the default keeps the router trainable
+    with pytest.warns(UserWarning, match="no gradient from the task loss"):
+        r.renormalize = True  # what swap_ffn(upcycle=True) does
