@@ -244,6 +244,14 @@ def test_autocast_runs_the_experts_like_nn_linear():
     assert not torch.equal(y_moe.float(), moe(x))  # it did not run fp32
     assert logits.dtype == torch.bfloat16
     assert moe.last_stats is not None
+    g = torch.randn(33, D, generator=torch.Generator().manual_seed(1)).bfloat16()
+    y_moe.backward(g)
+    y_dense.backward(g)
+    for mine, ref in ((moe.experts.w_in_EDH.grad[0], dense.w_in.weight.grad.t()),
+                      (moe.experts.w_out_EFD.grad[0], dense.w_out.weight.grad.t())):
+        assert mine.dtype == ref.dtype == torch.float32
+        # both are bf16 GEMMs rounded once to bf16 and widened: equal up to GEMM summation order
+        torch.testing.assert_close(mine, ref, atol=1e-2 * ref.abs().max().item(), rtol=1e-2)
 
 
 def test_autocast_router_stays_fp32_and_grads_are_fp32():
