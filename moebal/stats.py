@@ -2,6 +2,11 @@
 
 All functions take the int64 load ``[E]`` (routed (token, slot) pairs per expert) and
 return 0-d float tensors, so they can be logged without a host sync until printed.
+
+Degenerate loads: an empty load (all zeros, e.g. a batch of zero tokens) reads as
+perfectly balanced (MaxVio 0, CV 0, entropy 1, nothing dropped). A load holding NaN or
+inf gives NaN from every statistic, so a NaN never reads as balanced (the float loads of
+custom code can hold one; the int64 loads moebal counts cannot).
 """
 from __future__ import annotations
 
@@ -36,37 +41,49 @@ def _as_load(load: torch.Tensor) -> torch.Tensor:
     return load.double()
 
 
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num / den, 0 where den is 0 (an empty load); NaN stays NaN."""
+    return torch.where(den == 0, torch.zeros_like(num), num / torch.where(den == 0, 1.0, den))
+
+
 def max_violation(load: torch.Tensor) -> torch.Tensor:
-    """MaxVio = (max - mean) / mean; 0 means perfectly balanced (0 for an empty load)."""
+    """MaxVio = (max - mean) / mean; 0 means perfectly balanced.
+
+    0 for an empty load (all zeros); NaN when the load holds NaN or inf.
+    """
     l = _as_load(load)
     mean = l.mean()
-    return torch.where(mean > 0, (l.max() - mean) / mean.clamp(min=1e-300), torch.zeros_like(mean))
+    return _ratio(l.max() - mean, mean)
 
 
 def coefficient_of_variation(load: torch.Tensor) -> torch.Tensor:
-    """Population standard deviation / mean of the load."""
+    """Population standard deviation / mean of the load (0 for an empty load, NaN for NaN/inf)."""
     l = _as_load(load)
-    mean = l.mean()
-    std = l.std(correction=0)
-    return torch.where(mean > 0, std / mean.clamp(min=1e-300), torch.zeros_like(mean))
+    return _ratio(l.std(correction=0), l.mean())
 
 
 def load_entropy(load: torch.Tensor) -> torch.Tensor:
-    """Entropy of the load distribution normalised by log E: 1 = uniform, 0 = one expert."""
+    """Entropy of the load distribution normalised by log E: 1 = uniform, 0 = one expert.
+
+    An empty load (all zeros) counts as uniform (1); NaN for a load holding NaN or inf.
+    """
     l = _as_load(load)
+    total = l.sum()
+    p = l / torch.where(total == 0, 1.0, total)
+    h = -torch.xlogy(p, p).sum()  # 0 log 0 = 0; NaN stays NaN
     E = l.numel()
-    if E == 1:
-        return torch.ones((), dtype=l.dtype, device=l.device)
-    p = l / l.sum().clamp(min=1e-300)
-    h = -(torch.where(p > 0, p * p.log(), torch.zeros_like(p))).sum()
-    return h / math.log(E)
+    uniform = torch.where(h.isnan(), h, torch.ones_like(h))
+    return uniform if E == 1 else torch.where(total == 0, uniform, h / math.log(E))
 
 
 def dropped_fraction(load: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """Fraction of routed pairs that the capacity dropped: (sum(load) - sum(kept)) / sum(load)."""
+    """Fraction of routed pairs that the capacity dropped: (sum(load) - sum(kept)) / sum(load).
+
+    0 when nothing was routed; NaN when either load holds NaN.
+    """
     l, k = _as_load(load), _as_load(kept)
     total = l.sum()
-    return torch.where(total > 0, (total - k.sum()) / total.clamp(min=1e-300), torch.zeros_like(total))
+    return _ratio(total - k.sum(), total)
 
 
 @dataclass
@@ -120,7 +137,12 @@ class BalanceMeter:
         self._batch: dict[str, list[float]] = {}
 
     def update(self, name: str, load: torch.Tensor) -> None:
-        load = load.detach().to("cpu", torch.int64)
+        """Add one step's load of layer ``name``; ValueError for a load that is not a count
+        (NaN, inf, a fraction or a negative entry), which int64 sums could not hold."""
+        load = _as_load(load.detach()).cpu()
+        if not bool(((load >= 0) & (load == load.round()) & load.isfinite()).all()):
+            raise ValueError(f"layer {name!r}: load must hold non-negative integer counts, got {load.tolist()}")
+        load = load.to(torch.int64)
         if name in self._sum:
             if self._sum[name].shape != load.shape:
                 raise ValueError(f"layer {name!r}: load shape {tuple(load.shape)} != {tuple(self._sum[name].shape)}")
@@ -152,13 +174,19 @@ class BalanceMeter:
         return sum(float(max_violation(self._sum[n])) for n in names) / len(names)
 
     def maxvio_batch(self, name: str | None = None, last: int | None = None) -> float:
-        """Mean per-step MaxVio (of the ``last`` steps when given), per layer or averaged."""
+        """Mean per-step MaxVio, per layer or averaged over layers.
+
+        ``last``: a positive int averages only the layer's last ``last`` steps (all of them
+        when it has fewer); None averages every step.
+        """
+        if last is not None and (isinstance(last, bool) or not isinstance(last, int) or last < 1):
+            raise ValueError(f"last must be a positive int or None, got {last!r}")
         names = [name] if name is not None else self.layers
         if not names:
             raise ValueError("BalanceMeter has no data yet")
         vals = []
         for n in names:
-            steps = self._batch[n][-last:] if last else self._batch[n]
+            steps = self._batch[n] if last is None else self._batch[n][-last:]
             vals.append(sum(steps) / len(steps))
         return sum(vals) / len(vals)
 

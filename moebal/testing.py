@@ -1,6 +1,8 @@
 """Assertions for users' own unit tests."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -11,23 +13,32 @@ __all__ = ["assert_balanced", "balance_table"]
 
 
 def balance_table(load: torch.Tensor, limit: int = 8) -> str:
-    """A readable table of the most over- and under-loaded experts."""
-    load = load.detach().to("cpu", torch.int64)
-    mean = load.double().mean().item()
-    order = torch.argsort(load, descending=True, stable=True).tolist()
+    """A readable table of the most over- and under-loaded experts, with the loads as given
+    (integer counts as integers, float loads unrounded) and any non-finite load listed."""
+    load = load.detach().cpu()
+    values = load.tolist()
+    finite = [e for e, v in enumerate(values) if math.isfinite(v)]
+    mean = sum(values[e] for e in finite) / len(finite) if finite else math.nan
+    order = sorted(finite, key=lambda e: -values[e])  # stable: equal loads keep expert order
+    fmt = "d" if not load.is_floating_point() else ".6g"
     rows = [f"{'expert':>6} {'load':>10} {'vs mean':>9}"]
 
     def row(e):
-        rel = (load[e].item() - mean) / mean if mean > 0 else 0.0
-        return f"{e:>6} {load[e].item():>10} {rel:>+9.1%}"
+        v = values[e]
+        rel = (v - mean) / mean if mean > 0 else 0.0
+        return f"{e:>6} {v:>10{fmt}} {rel:>+9.1%}" if math.isfinite(v) else f"{e:>6} {v:>10}"
 
-    over = [e for e in order if load[e].item() > mean][:limit]
-    under = [e for e in reversed(order) if load[e].item() < mean][:limit]
+    over = [e for e in order if values[e] > mean][:limit]
+    under = [e for e in reversed(order) if values[e] < mean][:limit]
     rows.append("over-loaded:" if over else "over-loaded: none")
     rows += [row(e) for e in over]
     rows.append("under-loaded:" if under else "under-loaded: none")
     rows += [row(e) for e in under]
-    rows.append(f"mean load {mean:.2f} over {load.numel()} experts")
+    bad = [e for e, v in enumerate(values) if not math.isfinite(v)]
+    if bad:
+        rows.append("not finite:")
+        rows += [row(e) for e in bad[:limit]]
+    rows.append(f"mean load {mean:.2f} over {load.numel()} experts" + (" (finite loads only)" if bad else ""))
     return "\n".join(rows)
 
 
@@ -49,12 +60,19 @@ def _loads(load_or_model) -> list[tuple[str, torch.Tensor]]:
 
 
 def assert_balanced(load_or_model, max_violation: float = 0.1) -> None:
-    """Fail with a table of over/under-loaded experts when any layer's MaxVio exceeds the bound."""
+    """Fail with a table of over/under-loaded experts when any layer's MaxVio exceeds the bound.
+
+    Fails closed: a load holding NaN or inf fails whatever the bound (its MaxVio is NaN).
+    An empty load (all zeros) has MaxVio 0 and passes.
+    """
     limit = max_violation
     failures = []
     for name, load in _loads(load_or_model):
+        if not bool(torch.isfinite(load).all()):
+            failures.append(f"{name}: load is not finite\n{balance_table(load)}")
+            continue
         vio = float(_stats.max_violation(load))
-        if vio > limit:
+        if not vio <= limit:  # NaN fails too
             failures.append(f"{name}: MaxVio {vio:.4f} > {limit}\n{balance_table(load)}")
     if failures:
         raise AssertionError("experts are not balanced\n" + "\n\n".join(failures))
