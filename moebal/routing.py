@@ -5,6 +5,8 @@ All router math runs in fp32 whatever the input dtype.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = [
@@ -34,6 +36,8 @@ def _check_logits(logits_TE: torch.Tensor, name: str = "logits") -> None:
         raise ValueError(f"{name} must have shape [T, E], got {tuple(logits_TE.shape)}")
     if not logits_TE.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {logits_TE.dtype}")
+    if logits_TE.shape[1] == 0:
+        raise ValueError(f"{name} must have at least one expert column, got shape {tuple(logits_TE.shape)}")
 
 
 def scores_from_logits(logits_TE: torch.Tensor, score: str = "softmax") -> torch.Tensor:
@@ -60,13 +64,18 @@ def topk_routing(
         score: ``"softmax"`` or ``"sigmoid"``.
         bias: optional ``[E]`` expert bias added to the scores to *choose* experts only
             (loss-free balancing); it never enters the returned weights.
-        renormalize: divide the chosen weights by their sum.
+        renormalize: divide the chosen weights by their sum. Finite logits always give
+            finite weights: where the chosen scores underflow fp32 (sigmoid of logits below
+            about -87, or softmax entries that only a bias could choose), the row is
+            computed in log space instead, as a softmax over the chosen log-scores (an
+            exact identity); every other row is the plain quotient, bit for bit.
 
     Returns:
         ``(weights_TK fp32, indices_TK int64)``. Experts are ordered by biased score,
-        descending; equal scores break toward the lower expert index. Non-finite scores
-        never produce invalid indices: NaN ranks below every number, so a row of NaNs is
-        routed to experts ``0..K-1`` and its NaN weights propagate visibly.
+        descending; equal scores break toward the lower expert index. A token whose logits
+        are not all finite (NaN or +-inf) is still routed to K distinct valid experts (NaN
+        ranks below every number, so a row of NaNs goes to experts ``0..K-1``), and all
+        its weights are NaN, so the loss shows it.
     """
     _check_logits(logits_TE)
     num_experts = logits_TE.shape[-1]
@@ -82,10 +91,44 @@ def topk_routing(
     # NaN -> -inf so it sorts last; ties break toward the lower index
     select_TE = torch.nan_to_num(select_TE.detach(), nan=float("-inf"))
     indices_TK = _topk_indices(select_TE, top_k)
+    return _chosen_weights(scores_TE, logits_TE, indices_TK, score, renormalize), indices_TK
+
+
+_TINY = torch.finfo(torch.float32).tiny  # the smallest normal fp32
+
+
+def _chosen_weights(scores_TE, logits_TE, indices_TK, score: str, renormalize: bool) -> torch.Tensor:
+    """The chosen scores ``[T, K]``, renormalised when asked, NaN in rows with a non-finite logit.
+
+    Renormalising is the plain quotient ``w / sum(w)``, except in rows whose sum is below
+    fp32's normal range (0/0, or digits lost to subnormals): there it is a softmax over the
+    chosen log-scores in float64, the logits themselves for softmax scores (the row's
+    normaliser cancels) and their ``logsigmoid`` for sigmoid scores, equal to the quotient
+    in exact arithmetic. The quotient's denominator is made safe in the rows it does not
+    serve, so no NaN gradient leaks through the ``where``.
+
+    On CPU one host read says whether any row needs either fix (free there, and the common
+    batch needs none); on other devices and under torch.compile both always run and
+    ``where`` picks (no host sync, no data-dependent branch).
+    """
     weights_TK = scores_TE.gather(1, indices_TK)
+    sum_T1 = weights_TK.sum(dim=-1, keepdim=True) if renormalize else None
+    if logits_TE.device.type == "cpu" and not torch.compiler.is_compiling():
+        # the logits' total is finite unless one is NaN or inf (or finite ones overflow 3e38)
+        if math.isfinite(logits_TE.detach().sum().item()):
+            if not renormalize:
+                return weights_TK
+            if sum_T1.shape[0] == 0 or sum_T1.amin().item() >= _TINY:  # False for NaN
+                return weights_TK / sum_T1
     if renormalize:
-        weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-    return weights_TK, indices_TK
+        normal_T1 = sum_T1 >= _TINY
+        log_TK = logits_TE.gather(1, indices_TK).double()
+        if score == "sigmoid":
+            log_TK = torch.nn.functional.logsigmoid(log_TK)
+        stable_TK = torch.softmax(log_TK, dim=-1).to(weights_TK.dtype)
+        weights_TK = torch.where(normal_T1, weights_TK / torch.where(normal_T1, sum_T1, 1.0), stable_TK)
+    finite_T1 = (logits_TE.detach() * 0).sum(dim=-1, keepdim=True) == 0  # NaN * 0 and inf * 0 are NaN
+    return torch.where(finite_T1, weights_TK, math.nan)
 
 
 def _topk_indices(select_TE: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -124,7 +167,7 @@ def switch_aux_loss(probs_TE: torch.Tensor, indices_TK: torch.Tensor, num_expert
     ``f_i`` is the fraction of the T*K routed pairs sent to expert i (all K choices count),
     ``P_i`` the mean router probability of expert i over the T tokens. Perfectly balanced
     routing with rows of ``probs`` summing to 1 gives exactly 1.0; all tokens collapsed
-    onto the same K experts gives E/K. Only ``P`` carries gradient.
+    onto the same K experts gives E/K. Only ``P`` carries gradient. Zero tokens give 0.
     """
     _check_int("num_experts", num_experts)
     if probs_TE.dim() != 2 or probs_TE.shape[-1] != num_experts:
@@ -134,8 +177,13 @@ def switch_aux_loss(probs_TE: torch.Tensor, indices_TK: torch.Tensor, num_expert
             f"indices must have shape [T={probs_TE.shape[0]}, K], got {tuple(indices_TK.shape)}"
         )
     f_E = _expert_fraction(indices_TK, num_experts)
-    P_E = probs_TE.float().mean(dim=0)
+    P_E = _mean0(probs_TE.float())
     return num_experts * torch.dot(f_E, P_E)
+
+
+def _mean0(x: torch.Tensor) -> torch.Tensor:
+    """Mean over dim 0, and 0 (not NaN) over zero rows, with a zero gradient."""
+    return x.mean(dim=0) if x.shape[0] else x.sum(dim=0)
 
 
 def sequence_aux_loss(
@@ -144,7 +192,7 @@ def sequence_aux_loss(
     """DeepSeek-V3 per-sequence balance loss: the Switch loss of each sequence, averaged.
 
     Rows are laid out as a flattened ``[B, S]``: sequence b owns rows ``b*S .. b*S+S-1``.
-    For a single sequence it equals :func:`switch_aux_loss`.
+    For a single sequence it equals :func:`switch_aux_loss`. Zero tokens give 0.
     """
     _check_int("num_experts", num_experts)
     _check_int("seq_len", seq_len)
@@ -159,13 +207,14 @@ def sequence_aux_loss(
     counts_BE.scatter_add_(1, idx_BN, torch.ones_like(idx_BN, dtype=torch.float32))
     f_BE = counts_BE / (seq_len * K)
     P_BE = probs_TE.float().reshape(B, seq_len, num_experts).mean(dim=1)
-    return num_experts * (f_BE * P_BE).sum(dim=-1).mean()
+    return num_experts * _mean0((f_BE * P_BE).sum(dim=-1))
 
 
 def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
-    """ST-MoE router z-loss: ``mean_t logsumexp(logits_t)^2`` (fp32, finite for large logits)."""
+    """ST-MoE router z-loss: ``mean_t logsumexp(logits_t)^2`` (fp32, finite for large logits;
+    0 for zero tokens)."""
     _check_logits(logits_TE)
-    return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+    return _mean0(torch.logsumexp(logits_TE.float(), dim=-1).square())
 
 
 def loss_free_update(bias_E: torch.Tensor, load_E: torch.Tensor, rate: float) -> torch.Tensor:

@@ -118,3 +118,156 @@ def test_meter_refuses_a_nan_load_and_counts_an_empty_one():
     assert m.summed_load("l0").tolist() == [3, 1]
     assert m.maxvio_batch("l0") == pytest.approx(0.25)  # mean of 0 and 0.5
     assert m.maxvio_global("l0") == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------- routing: zero tokens
+
+from moebal.functional import router_z_loss, sequence_aux_loss, switch_aux_loss, topk_routing  # noqa: E402
+
+
+def _empty(E, dtype=torch.float32):
+    return torch.zeros(0, E, dtype=dtype, requires_grad=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("loss", ["switch", "sequence", "z"])
+def test_losses_of_zero_tokens_are_zero_with_zero_gradient(loss, dtype):
+    E, K = 8, 2
+    x = _empty(E, dtype)
+    idx = torch.zeros(0, K, dtype=torch.long)
+    if loss == "switch":
+        out = switch_aux_loss(x, idx, E)
+    elif loss == "sequence":
+        out = sequence_aux_loss(x, idx, E, seq_len=4)
+    else:
+        out = router_z_loss(x)
+    assert out.dtype == torch.float32 and out.shape == ()
+    assert out.item() == 0.0  # exactly, not NaN
+    out.backward()
+    assert x.grad is not None and x.grad.shape == (0, E) and torch.isfinite(x.grad).all()
+
+
+def test_z_loss_needs_an_expert_column():
+    with pytest.raises(ValueError, match=r"logits must have at least one expert column, got shape \(3, 0\)"):
+        router_z_loss(torch.zeros(3, 0))
+
+
+# ---------------------------------------------------------------- routing: underflowing scores
+
+
+def _log_sigmoid64(l: float) -> float:
+    return -math.log1p(math.exp(-l)) if l >= 0 else l - math.log1p(math.exp(l))
+
+
+def _renormalized64(chosen, log_score):
+    """w_k = s_k / sum_j s_j in float64, through log-scores (no underflow for any logit here)."""
+    logs = [log_score(l) for l in chosen]
+    top = max(logs)
+    den = sum(math.exp(v - top) for v in logs)
+    return [math.exp(v - top) / den for v in logs]
+
+
+# rows of finite logits whose sigmoids underflow fp32 (below about -87 they are subnormal,
+# below about -104 they are 0); each row's chosen experts are its K largest logits
+_SIGMOID_ROWS = [
+    [-200.0, -201.0, -205.0, -300.0],  # all chosen scores are 0 in fp32: 0/0 before
+    [-104.0, -104.5, -110.0, -1e4],  # at the edge of fp32's subnormals
+    [-150.0, -150.0, -3e38, -150.0],  # equal logits: equal weights
+    [-90.0, -95.0, -99.0, -103.0],  # subnormal: the plain formula loses digits
+    [-87.0, -88.0, -200.0, -1e3],
+    [-50.0, -60.0, -70.0, -80.0],
+    [0.0, -1.0, -2.0, -104.0],
+    [50.0, 49.0, 20.0, -200.0],  # sigmoid rounds to 1
+    [3.0, -200.0, -300.0, -400.0],  # one weight near 1, the others far below fp32's range
+    [1e4, 1e4, -1e4, 0.0],
+]
+
+
+@pytest.mark.parametrize("K", [1, 2, 3])
+def test_sigmoid_renormalized_weights_are_finite_and_exact(K):
+    logits = torch.tensor(_SIGMOID_ROWS, requires_grad=True)
+    w, idx = topk_routing(logits, K, score="sigmoid", renormalize=True)
+    assert torch.isfinite(w).all()
+    s32 = torch.sigmoid(torch.tensor(_SIGMOID_ROWS)).tolist()  # experts are chosen by the fp32 score
+    for t, row in enumerate(_SIGMOID_ROWS):
+        order = sorted(range(4), key=lambda e: (-s32[t][e], e))[:K]  # ties toward the lower index
+        assert idx[t].tolist() == order
+        ref = torch.tensor(_renormalized64([row[e] for e in order], _log_sigmoid64), dtype=torch.float64)
+        # fp32 rounding: the plain quotient rounds the scores, their sum and the quotient
+        # (at most 2 units in the last place); subnormal results: fp32's smallest step
+        torch.testing.assert_close(w[t].double(), ref, rtol=2**-22, atol=2**-149)
+    (w * torch.linspace(-1, 1, K)).sum().backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_sigmoid_renormalized_matches_plain_formula_where_it_is_finite():
+    # the plain fp32 formula s_k / sum_j s_j, for every row where it is finite and normal
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(512, 8, generator=g) * 30 - torch.linspace(0, 200, 512).unsqueeze(1)
+    w, idx = topk_routing(logits, 3, score="sigmoid", renormalize=True)
+    s = torch.sigmoid(logits).gather(1, idx)
+    plain = s / s.sum(-1, keepdim=True)
+    ok = s.sum(-1) >= torch.finfo(torch.float32).tiny
+    assert ok.sum() > 200 and (~ok).sum() > 100  # both cases are exercised
+    assert torch.equal(w[ok], plain[ok])  # bit for bit: the common path is the plain formula
+    assert torch.isfinite(w).all()
+
+
+def test_gradient_of_underflowing_rows_matches_float64():
+    rows = [[-200.0, -201.0, -205.0], [-120.0, -100.0, -90.0]]
+    logits = torch.tensor(rows, requires_grad=True)
+    w, idx = topk_routing(logits, 2, score="sigmoid", renormalize=True)
+    coef = torch.tensor([[1.0, -2.0], [0.5, 3.0]])
+    (w * coef).sum().backward()
+    ref_logits = torch.tensor(rows, dtype=torch.float64, requires_grad=True)
+    ls = torch.nn.functional.logsigmoid(ref_logits.gather(1, idx))
+    ref_w = (ls - ls.logsumexp(-1, keepdim=True)).exp()
+    (ref_w * coef.double()).sum().backward()
+    torch.testing.assert_close(logits.grad.double(), ref_logits.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_softmax_renormalized_with_a_bias_on_underflowing_experts():
+    # the bias chooses experts whose softmax probability is 0 in fp32: weights = softmax of
+    # the chosen logits (p_k / sum p_j = exp(l_k) / sum exp(l_j))
+    logits = torch.tensor([[0.0, -200.0, -200.0, -300.0], [0.0, -200.0, -201.0, -300.0]])
+    bias = torch.tensor([-10.0, 0.0, 0.0, 0.0])
+    w, idx = topk_routing(logits, 2, score="softmax", bias=bias, renormalize=True)
+    assert idx.tolist() == [[1, 2], [1, 2]]
+    e = math.exp(-1)
+    torch.testing.assert_close(w, torch.tensor([[0.5, 0.5], [1 / (1 + e), e / (1 + e)]]))
+
+
+# ---------------------------------------------------------------- routing: non-finite logits, one rule
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("bad", [NAN, INF, -INF])
+def test_a_nonfinite_logit_makes_the_token_nan_and_keeps_it_routed(score, renormalize, bad):
+    T, E, K = 5, 6, 3
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(T, E, generator=g)
+    logits[1, 4] = bad  # one bad entry
+    logits[3] = bad  # a whole bad row
+    w, idx = topk_routing(logits, K, score=score, renormalize=renormalize)
+    assert ((idx >= 0) & (idx < E)).all()
+    assert (idx.sort(1).values.diff(dim=1) > 0).all()  # K distinct experts per token
+    assert torch.isnan(w[[1, 3]]).all()
+    assert torch.isfinite(w[[0, 2, 4]]).all()
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_sync_free_path_gives_the_same_weights(score, monkeypatch):
+    # on other devices and under torch.compile no host read picks the rows: both formulas
+    # run and a where picks; on CPU the same path runs when is_compiling says so
+    logits = torch.tensor(_SIGMOID_ROWS + [[NAN, 0.0, 1.0, 2.0], [-INF, 0.0, 1.0, 2.0], [1.0, 2.0, 3.0, 4.0]])
+    bias = torch.tensor([0.0, 0.0, -5.0, 0.0])
+    want = [topk_routing(logits, 2, score=score, bias=b) for b in (None, bias)]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    for (w_ref, i_ref), b in zip(want, (None, bias)):
+        x = logits.clone().requires_grad_(True)
+        w, i = topk_routing(x, 2, score=score, bias=b)
+        assert torch.equal(i, i_ref)
+        torch.testing.assert_close(w, w_ref, rtol=0, atol=0, equal_nan=True)
+        w[:-3].sum().backward()  # the underflowing rows: a finite gradient, nothing leaks from the where
+        assert torch.isfinite(x.grad[:-3]).all()
