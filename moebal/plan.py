@@ -86,7 +86,8 @@ def build_plan(
         weights_TK: routing weights, needed only for ``drop_policy="weight"``.
         drop_policy: when an expert overflows its capacity, ``"position"`` keeps its
             earliest tokens (by token index), ``"weight"`` drops its lowest-weight pairs
-            (ties: the later token is dropped).
+            (ties: the later token is dropped; NaN weights rank below every number, -inf
+            included, so they are dropped first).
         backend: ``"torch"`` (default), ``"auto"`` or ``"triton"``; when it resolves to
             Triton and the drop policy is ``"position"``, the plan is built on the device
             by ``moebal.triton_ops.triton_build_plan`` (same fields, bit for bit);
@@ -107,8 +108,14 @@ def build_plan(
     if capacity is not None and drop_policy == "weight":
         if weights_TK is None or weights_TK.shape != indices_TK.shape:
             raise ValueError("drop_policy='weight' needs weights_TK with the shape of indices_TK")
-        by_weight_N = torch.sort(weights_TK.detach().reshape(-1), descending=True, stable=True).indices
-        order_N = by_weight_N[torch.sort(expert_N[by_weight_N], stable=True).indices]
+        # rank by weight, descending; NaN weights rank last (a NaN marks a broken token, never
+        # one to keep over a finite pair); ties keep token order, so the later token is dropped
+        w_N = weights_TK.detach().reshape(-1)
+        nan_N = torch.isnan(w_N)
+        by_weight_N = torch.sort(w_N.masked_fill(nan_N, 0.0), descending=True, stable=True).indices
+        # one stable sort by (expert, is NaN) groups each expert's pairs, finite ones first
+        key_N = (expert_N * 2 + nan_N)[by_weight_N]
+        order_N = by_weight_N[torch.sort(key_N, stable=True).indices]
     else:
         # pairs are numbered token-major, so a stable sort keeps token order per expert
         order_N = torch.sort(expert_N, stable=True).indices

@@ -271,3 +271,45 @@ def test_sync_free_path_gives_the_same_weights(score, monkeypatch):
         torch.testing.assert_close(w, w_ref, rtol=0, atol=0, equal_nan=True)
         w[:-3].sum().backward()  # the underflowing rows: a finite gradient, nothing leaks from the where
         assert torch.isfinite(x.grad[:-3]).all()
+
+
+# ---------------------------------------------------------------- plan: NaN weights drop first
+
+from moebal.plan import build_plan  # noqa: E402
+
+
+def _kept_by_weight_loop(idx, w, E, capacity):
+    """Per expert, keep the ``capacity`` pairs ranked by: finite before NaN, then weight
+    descending, then pair index (token-major) ascending, i.e. ties drop the later token."""
+    T, K = len(idx), len(idx[0])
+    kept = [[False] * K for _ in range(T)]
+    for e in range(E):
+        pairs = [(t, k) for t in range(T) for k in range(K) if idx[t][k] == e]
+        pairs.sort(key=lambda p: (math.isnan(w[p[0]][p[1]]), -w[p[0]][p[1]] if not math.isnan(w[p[0]][p[1]]) else 0.0,
+                                  p[0] * K + p[1]))
+        for t, k in pairs[:capacity]:
+            kept[t][k] = True
+    return kept
+
+
+def test_weight_policy_drops_nan_weights_first():
+    idx = torch.zeros(4, 1, dtype=torch.long)
+    w = torch.tensor([[0.1], [NAN], [0.5], [0.7]])
+    plan = build_plan(idx, 1, capacity=2, weights_TK=w, drop_policy="weight")
+    assert (plan.row_of_pair_TK[:, 0] >= 0).tolist() == [False, False, True, True]
+    plan = build_plan(idx, 1, capacity=3, weights_TK=w, drop_policy="weight")
+    assert (plan.row_of_pair_TK[:, 0] >= 0).tolist() == [True, False, True, True]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_weight_policy_with_nan_and_ties_matches_the_loop(seed):
+    g = torch.Generator().manual_seed(seed)
+    T, E, K, cap = 40, 5, 2, 6
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    w = (torch.randint(0, 4, (T, K), generator=g) / 4.0)  # coarse: many ties
+    w[torch.rand(T, K, generator=g) < 0.2] = NAN
+    w[torch.rand(T, K, generator=g) < 0.05] = -INF  # still ranks above NaN
+    w[torch.rand(T, K, generator=g) < 0.05] = INF
+    plan = build_plan(idx, E, capacity=cap, weights_TK=w, drop_policy="weight")
+    want = _kept_by_weight_loop(idx.tolist(), w.tolist(), E, cap)
+    assert (plan.row_of_pair_TK >= 0).tolist() == want
