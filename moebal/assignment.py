@@ -36,7 +36,9 @@ import torch
 
 from moebal.assignment_graph import MoveGraph, repair_phase, shed
 from moebal.assignment_approx import (
+    add_tie_breaker,
     check_scores,
+    route_nonfinite_rows,
     quantile_assignment,
     quantile_prices,
     sinkhorn_assignment,
@@ -155,21 +157,6 @@ def _repair(g: MoveGraph, C: int) -> int:
     raise RuntimeError("balanced_assignment: repair did not converge")
 
 
-def _add_tie_breaker(s_TE: torch.Tensor, eps: float) -> None:
-    """``s += eps * f`` in place, f a deterministic pseudo-random ``[T, E]`` in [0, 1): a
-    splitmix64-style hash of the entry's index (int64 arithmetic wraps), so no sum
-    f(t) + g(e) can cancel it. Two int64 buffers, reused (fresh pages are slow)."""
-    z = torch.arange(s_TE.numel(), dtype=torch.int64, device=s_TE.device).view_as(s_TE)
-    tmp = torch.empty_like(z)
-    for shift, mult in ((30, -4658895280553007687), (27, -7723592293110705685), (31, 1)):
-        torch.bitwise_right_shift(z, shift, out=tmp)  # 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
-        z.bitwise_xor_(tmp)
-        if mult != 1:
-            z.mul_(mult)
-    z.bitwise_and_((1 << 53) - 1)
-    s_TE.add_(z, alpha=eps * 2.0**-53)
-
-
 def _certify(s_TE, p_E, idx_TK, tol: float) -> bool:
     """Complementary slackness: every token holds a top-k of ``s - p`` (within tol).
 
@@ -211,11 +198,21 @@ def balanced_assignment(scores_TE: torch.Tensor, top_k: int = 1) -> torch.Tensor
         descending score, ties toward the lower expert index. Among several optimal
         assignments the result is deterministic for a given input.
 
+        Non-finite scores: a token whose scores are not all finite (NaN or +-inf) is
+        routed to experts ``0..K-1`` (as ``topk_routing`` routes a row of NaNs) and left
+        out of the balance: the other T_f tokens get the balanced assignment of those
+        tokens alone, ``C = T_f*K/E`` each.
+
     Raises:
-        TypeError / ValueError: see :func:`moebal.assignment_approx.check_scores`.
+        TypeError / ValueError: see :func:`moebal.assignment_approx.check_scores` (with
+        non-finite rows, ``T_f * top_k`` must be a multiple of E).
     """
-    T, E, C, scale = check_scores(scores_TE, top_k)
-    K = top_k
+    checked = check_scores(scores_TE, top_k)
+    if checked.finite_T is not None:
+        solve = lambda s: balanced_assignment(s, top_k)  # noqa: E731
+        return route_nonfinite_rows(solve, scores_TE, top_k, checked.finite_T)
+    T, E = scores_TE.shape
+    K, C, scale = top_k, checked.capacity, checked.absmax
     dev = scores_TE.device
     s_TE = scores_TE.detach().to(torch.float64).contiguous()
     if T == 0:
@@ -231,7 +228,7 @@ def balanced_assignment(scores_TE: torch.Tensor, top_k: int = 1) -> torch.Tensor
     eps = max(min(scale * 2.0**-33, 0.25 / (T * K)), scale * 2.0**-40)
     if s_TE.data_ptr() == scores_TE.data_ptr():
         s_TE = s_TE.clone()  # float64 input: never write into the caller's tensor
-    _add_tie_breaker(s_TE, eps)
+    add_tie_breaker(s_TE, eps)
     tol = eps / 64  # the certificate must see the perturbation, not rounding noise
     # price rounds cost ~T*E each, repair phases a roughly fixed overhead: stop the rounds
     # once the excess left is worth fewer phases than another round would cost

@@ -313,3 +313,86 @@ def test_weight_policy_with_nan_and_ties_matches_the_loop(seed):
     plan = build_plan(idx, E, capacity=cap, weights_TK=w, drop_policy="weight")
     want = _kept_by_weight_loop(idx.tolist(), w.tolist(), E, cap)
     assert (plan.row_of_pair_TK >= 0).tolist() == want
+
+
+# ---------------------------------------------------------------- assignment: non-finite tokens
+
+from scipy.optimize import linear_sum_assignment  # noqa: E402
+
+from moebal.assignment import SOLVERS, assign, balanced_assignment, sinkhorn_assignment  # noqa: E402
+
+
+def _scores_with_bad_rows(T, E, bad_rows, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(T, E, generator=g) + torch.linspace(0, 2, E)
+    for i, t in enumerate(bad_rows):
+        kind = i % 4
+        if kind == 0:
+            scores[t] = NAN  # a whole row
+        elif kind == 1:
+            scores[t, (t * 7) % E] = NAN  # one entry
+        elif kind == 2:
+            scores[t, (t * 3) % E] = INF
+        else:
+            scores[t, (t * 5) % E] = -INF
+    return scores
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("K", [1, 2])
+def test_nonfinite_tokens_go_to_experts_0_to_k_and_the_rest_is_solved_alone(solver, K):
+    T, E = 68, 8
+    bad = [3, 10, 11, 40]  # each kind of bad row once; T_f = 64 balances on 8 experts
+    scores = _scores_with_bad_rows(T, E, bad)
+    idx = assign(scores, K, solver)
+    assert idx.shape == (T, K) and idx.dtype == torch.int64
+    assert ((idx >= 0) & (idx < E)).all()
+    assert (idx.sort(1).values.diff(dim=1) > 0).all()
+    for t in bad:
+        assert idx[t].tolist() == list(range(K))
+    finite = [t for t in range(T) if t not in bad]
+    # the finite tokens are routed as if the others were not there
+    assert torch.equal(idx[finite], assign(scores[finite], K, solver))
+
+
+@pytest.mark.parametrize("K", [1, 2])
+def test_exact_solver_balances_the_finite_tokens_optimally(K):
+    T, E = 36, 4
+    bad = [0, 17, 18, 35]  # T_f = 32, C = 32*K/4
+    scores = _scores_with_bad_rows(T, E, bad, seed=3)
+    idx = balanced_assignment(scores, K)
+    finite = [t for t in range(T) if t not in bad]
+    load = torch.bincount(idx[finite].reshape(-1), minlength=E)
+    assert load.tolist() == [len(finite) * K // E] * E  # exact balance over the finite tokens
+    if K == 1:  # optimal: Hungarian on the finite rows, each expert's column repeated C times
+        s = scores[finite].double().numpy()
+        expanded = s.repeat(len(finite) // E, axis=1)
+        r, c = linear_sum_assignment(expanded, maximize=True)
+        got = float(scores[finite].double().gather(1, idx[finite]).sum())
+        assert got == pytest.approx(float(expanded[r, c].sum()), rel=1e-9)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_all_tokens_nonfinite(solver):
+    idx = assign(torch.full((5, 4), NAN), 2, solver)
+    assert idx.tolist() == [[0, 1]] * 5
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_finite_tokens_must_balance(solver):
+    scores = _scores_with_bad_rows(16, 8, [2])  # 15 finite tokens on 8 experts
+    msg = r"1 of the T=16 tokens have NaN or Inf scores.*the other 15 give 15\*1 = 15 slots.*num_experts=8"
+    with pytest.raises(ValueError, match=msg):
+        assign(scores, 1, solver)
+    # 17 tokens, one NaN: 16 finite ones balance although 17*1 is not a multiple of 8
+    scores = _scores_with_bad_rows(17, 8, [9])
+    assert assign(scores, 1, solver)[9].tolist() == [0]
+
+
+def test_sinkhorn_plan_rows_of_nonfinite_tokens_are_nan():
+    scores = _scores_with_bad_rows(20, 4, [1, 6, 7, 13])
+    idx, plan, _ = sinkhorn_assignment(scores, 2, return_plan=True)
+    assert torch.isnan(plan[[1, 6, 7, 13]]).all()
+    finite = [t for t in range(20) if t not in (1, 6, 7, 13)]
+    assert torch.isfinite(plan[finite]).all()
+    assert torch.allclose(plan[finite].sum(1), torch.full((16,), 2.0, dtype=plan.dtype), atol=1e-5)
