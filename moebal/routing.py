@@ -91,13 +91,17 @@ def topk_routing(
     # NaN -> -inf so it sorts last; ties break toward the lower index
     select_TE = torch.nan_to_num(select_TE.detach(), nan=float("-inf"))
     indices_TK = _topk_indices(select_TE, top_k)
-    return _chosen_weights(scores_TE, logits_TE, indices_TK, score, renormalize), indices_TK
+    # without a bias, softmax always chooses its largest score (>= 1/E), so no row can underflow
+    can_underflow = score == "sigmoid" or bias is not None
+    return _chosen_weights(scores_TE, logits_TE, indices_TK, score, renormalize, can_underflow), indices_TK
 
 
 _TINY = torch.finfo(torch.float32).tiny  # the smallest normal fp32
 
 
-def _chosen_weights(scores_TE, logits_TE, indices_TK, score: str, renormalize: bool) -> torch.Tensor:
+def _chosen_weights(
+    scores_TE, logits_TE, indices_TK, score: str, renormalize: bool, can_underflow: bool = True
+) -> torch.Tensor:
     """The chosen scores ``[T, K]``, renormalised when asked, NaN in rows with a non-finite logit.
 
     Renormalising is the plain quotient ``w / sum(w)``, except in rows whose sum is below
@@ -107,9 +111,10 @@ def _chosen_weights(scores_TE, logits_TE, indices_TK, score: str, renormalize: b
     in exact arithmetic. The quotient's denominator is made safe in the rows it does not
     serve, so no NaN gradient leaks through the ``where``.
 
-    On CPU one host read says whether any row needs either fix (free there, and the common
-    batch needs none); on other devices and under torch.compile both always run and
-    ``where`` picks (no host sync, no data-dependent branch).
+    On CPU a host read or two say whether any row needs either fix (free there, and the
+    common batch needs none; ``can_underflow=False`` skips the second); on other devices
+    and under torch.compile both always run and ``where`` picks (no host sync, no
+    data-dependent branch).
     """
     weights_TK = scores_TE.gather(1, indices_TK)
     sum_T1 = weights_TK.sum(dim=-1, keepdim=True) if renormalize else None
@@ -118,7 +123,7 @@ def _chosen_weights(scores_TE, logits_TE, indices_TK, score: str, renormalize: b
         if math.isfinite(logits_TE.detach().sum().item()):
             if not renormalize:
                 return weights_TK
-            if sum_T1.shape[0] == 0 or sum_T1.amin().item() >= _TINY:  # False for NaN
+            if not can_underflow or sum_T1.shape[0] == 0 or sum_T1.amin().item() >= _TINY:  # False for NaN
                 return weights_TK / sum_T1
     if renormalize:
         normal_T1 = sum_T1 >= _TINY
