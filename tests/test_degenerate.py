@@ -7,8 +7,12 @@ import math
 
 import pytest
 import torch
+from scipy.optimize import linear_sum_assignment
 
 from moebal import stats
+from moebal.assignment import SOLVERS, assign, balanced_assignment, sinkhorn_assignment
+from moebal.functional import router_z_loss, sequence_aux_loss, switch_aux_loss, topk_routing
+from moebal.plan import build_plan
 from moebal.testing import assert_balanced, balance_table
 
 NAN, INF = float("nan"), float("inf")
@@ -121,9 +125,6 @@ def test_meter_refuses_a_nan_load_and_counts_an_empty_one():
 
 
 # ---------------------------------------------------------------- routing: zero tokens
-
-from moebal.functional import router_z_loss, sequence_aux_loss, switch_aux_loss, topk_routing  # noqa: E402
-
 
 def _empty(E, dtype=torch.float32):
     return torch.zeros(0, E, dtype=dtype, requires_grad=True)
@@ -275,9 +276,6 @@ def test_sync_free_path_gives_the_same_weights(score, monkeypatch):
 
 # ---------------------------------------------------------------- plan: NaN weights drop first
 
-from moebal.plan import build_plan  # noqa: E402
-
-
 def _kept_by_weight_loop(idx, w, E, capacity):
     """Per expert, keep the ``capacity`` pairs ranked by: finite before NaN, then weight
     descending, then pair index (token-major) ascending, i.e. ties drop the later token."""
@@ -316,11 +314,6 @@ def test_weight_policy_with_nan_and_ties_matches_the_loop(seed):
 
 
 # ---------------------------------------------------------------- assignment: non-finite tokens
-
-from scipy.optimize import linear_sum_assignment  # noqa: E402
-
-from moebal.assignment import SOLVERS, assign, balanced_assignment, sinkhorn_assignment  # noqa: E402
-
 
 def _scores_with_bad_rows(T, E, bad_rows, seed=0):
     g = torch.Generator().manual_seed(seed)
