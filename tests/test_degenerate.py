@@ -126,6 +126,7 @@ def test_meter_refuses_a_nan_load_and_counts_an_empty_one():
 
 # ---------------------------------------------------------------- routing: zero tokens
 
+
 def _empty(E, dtype=torch.float32):
     return torch.zeros(0, E, dtype=dtype, requires_grad=True)
 
@@ -276,6 +277,7 @@ def test_sync_free_path_gives_the_same_weights(score, monkeypatch):
 
 # ---------------------------------------------------------------- plan: NaN weights drop first
 
+
 def _kept_by_weight_loop(idx, w, E, capacity):
     """Per expert, keep the ``capacity`` pairs ranked by: finite before NaN, then weight
     descending, then pair index (token-major) ascending, i.e. ties drop the later token."""
@@ -314,6 +316,7 @@ def test_weight_policy_with_nan_and_ties_matches_the_loop(seed):
 
 
 # ---------------------------------------------------------------- assignment: non-finite tokens
+
 
 def _scores_with_bad_rows(T, E, bad_rows, seed=0):
     g = torch.Generator().manual_seed(seed)
