@@ -284,7 +284,8 @@ class Router(nn.Module):
         if isinstance(bal, LinearAssignment) and self.training:
             with torch.no_grad():
                 indices_TK = replay.indices_TK if replay is not None else _assign(scores_TE.detach(), K, bal.solver)
-            weights_TK = self._weights_at(scores_TE, indices_TK)
+            # the same weights rule as topk_routing: finite for finite logits, NaN for a non-finite token
+            weights_TK = R._chosen_weights(scores_TE, logits_TE, indices_TK, self.score, self.renormalize)
         else:
             if isinstance(bal, LossFree):
                 bias = replay.bias_E if replay is not None else self.expert_bias
@@ -324,13 +325,6 @@ class Router(nn.Module):
                     _all_reduce_sum(self.load_counts, self.balance_group)
                     self.apply_bias_update()
         return Routing(indices_TK, weights_TK, scores_TE, aux, nonfinite, replayed=replay is not None)
-
-    def _weights_at(self, scores_TE: torch.Tensor, indices_TK: torch.Tensor) -> torch.Tensor:
-        """The combine weights of a given selection: the chosen scores, renormalised if asked."""
-        weights_TK = scores_TE.gather(1, indices_TK)
-        if self.renormalize:
-            weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
-        return weights_TK
 
     @torch.no_grad()
     def _window_fraction(self, indices_TK, finite_T, probs_TE, commits: bool) -> torch.Tensor:

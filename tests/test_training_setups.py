@@ -388,3 +388,18 @@ def test_top_k_1_with_renormalisation_warns_once_per_router():
     assert r.renormalize is False  # the default keeps the router trainable
     with pytest.warns(UserWarning, match="no gradient from the task loss"):
         r.renormalize = True  # what swap_ffn(upcycle=True) does
+
+
+def test_base_routes_non_finite_tokens_like_every_policy():
+    """BASE in training: a NaN token is routed to valid experts with NaN weights and counted
+    as non-finite; the finite tokens are still exactly balanced among themselves."""
+    torch.manual_seed(14)
+    router = Router(D, E, K, balancer=moebal.LinearAssignment())
+    x = _x(T=33)
+    x[7] = float("nan")
+    routing = router(x)
+    assert int(routing.nonfinite_tokens) == 1
+    assert routing.weights[7].isnan().all() and torch.isfinite(routing.weights[torch.arange(33) != 7]).all()
+    assert ((routing.indices >= 0) & (routing.indices < E)).all()
+    finite_load = torch.bincount(routing.indices[torch.arange(33) != 7].reshape(-1), minlength=E)
+    assert torch.equal(finite_load, torch.full((E,), 32 * K // E))
