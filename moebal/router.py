@@ -283,7 +283,11 @@ class Router(nn.Module):
         bias = None
         if isinstance(bal, LinearAssignment) and self.training:
             with torch.no_grad():
-                indices_TK = replay.indices_TK if replay is not None else _assign(scores_TE.detach(), K, bal.solver)
+                # a non-finite token takes whichever seats are left (a zero score everywhere), so
+                # T*K stays the multiple of E that BASE needs; its weights come out NaN below
+                indices_TK = replay.indices_TK if replay is not None else _assign(
+                    torch.where(finite_T[:, None], scores_TE.detach(), 0.0), K, bal.solver
+                )
             # the same weights rule as topk_routing: finite for finite logits, NaN for a non-finite token
             weights_TK = R._chosen_weights(scores_TE, logits_TE, indices_TK, self.score, self.renormalize)
         else:
@@ -300,7 +304,8 @@ class Router(nn.Module):
         fraction_E = None
         has_tokens = logits_TE.shape[0] > 0  # no tokens, no loss (exactly 0, never NaN)
         if isinstance(bal, AuxLoss) and bal.alpha > 0 and self.training and has_tokens:
-            probs_TE = scores_TE if self.score == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True)
+            # sigmoid scores normalised per token: s / sum(s) as a softmax of logsigmoid (never 0/0)
+            probs_TE = scores_TE if self.score == "softmax" else torch.softmax(nn.functional.logsigmoid(logits_TE), -1)
             if bal.variant == "sequence":
                 if seq_len is None:
                     raise ValueError("AuxLoss(variant='sequence') needs seq_len (pass x as [B, S, D] to MoE)")

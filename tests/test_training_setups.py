@@ -390,16 +390,26 @@ def test_top_k_1_with_renormalisation_warns_once_per_router():
         r.renormalize = True  # what swap_ffn(upcycle=True) does
 
 
-def test_base_routes_non_finite_tokens_like_every_policy():
-    """BASE in training: a NaN token is routed to valid experts with NaN weights and counted
-    as non-finite; the finite tokens are still exactly balanced among themselves."""
-    torch.manual_seed(14)
+def test_base_with_a_non_finite_token_in_a_batch_that_needs_it_to_balance():
+    """BASE in training: a non-finite token is routed to valid experts with NaN weights and
+    counted as non-finite; it takes the seats the finite tokens leave, so a batch that
+    balances (T*K a multiple of E) still balances exactly."""
+    torch.manual_seed(15)
     router = Router(D, E, K, balancer=moebal.LinearAssignment())
-    x = _x(T=33)
-    x[7] = float("nan")
+    x = _x(T=32)
+    x[3] = float("inf")
     routing = router(x)
-    assert int(routing.nonfinite_tokens) == 1
-    assert routing.weights[7].isnan().all() and torch.isfinite(routing.weights[torch.arange(33) != 7]).all()
-    assert ((routing.indices >= 0) & (routing.indices < E)).all()
-    finite_load = torch.bincount(routing.indices[torch.arange(33) != 7].reshape(-1), minlength=E)
-    assert torch.equal(finite_load, torch.full((E,), 32 * K // E))
+    assert int(routing.nonfinite_tokens) == 1 and routing.weights[3].isnan().all()
+    assert torch.equal(torch.bincount(routing.indices.reshape(-1), minlength=E), torch.full((E,), 32 * K // E))
+
+
+def test_sigmoid_aux_loss_is_finite_when_every_sigmoid_underflows():
+    router = Router(D, E, K, score="sigmoid", balancer=AuxLoss(alpha=0.1))
+    with torch.no_grad():
+        router.gate.weight.fill_(-1e3)
+    x = torch.ones(6, D)
+    x[:, 0] = 2.0  # logits about -1.7e4: every sigmoid is 0 in fp32
+    routing = router(x)
+    assert torch.isfinite(routing.aux_loss) and torch.isfinite(routing.weights).all()
+    # every token's normalised probabilities are uniform (equal logits): the loss is exactly alpha
+    torch.testing.assert_close(routing.aux_loss, torch.tensor(0.1))
