@@ -5,6 +5,11 @@ Shape legend: T tokens, D model dim, K top-k, E experts, R rows of ``xs`` (see p
 The pure-torch twins below are the CPU path and the oracle the Triton kernels are tested
 against. Both directions are gathers (no ``index_add_``, no atomics), so results are
 deterministic; combine accumulates the weighted sum over K in fp32.
+
+Under ``torch.compile`` the autograd Functions run straight-line twins (``_*_graph``): the
+eager code's token-chunk loops and ``out=`` buffers would make dynamo read the token count
+as a Python int (one graph per T, even with ``dynamic=True``), and the compiler fuses the
+gathers with the multiply-adds anyway.
 """
 from __future__ import annotations
 
@@ -146,14 +151,54 @@ def _dispatch_bwd(grad_xs_RD, plan: DispatchPlan):
     return grad_x_TD
 
 
+# --- torch.compile twins: no loops over T, no out= buffers, no size-0 branches ------------
+
+
+def _gather_rows_graph(src_RD: torch.Tensor, rows: torch.Tensor, may_skip: bool) -> torch.Tensor:
+    """``src[rows]`` with rows == -1 giving zero rows (only checked when ``may_skip``)."""
+    rows = rows.reshape(-1)
+    if not may_skip:
+        return src_RD.index_select(0, rows)
+    out = src_RD.index_select(0, rows.clamp(min=0))
+    return out.masked_fill((rows < 0).unsqueeze(-1), 0)
+
+
+def _combine_fwd_graph(ys_RD, weights_TK, plan: DispatchPlan):
+    T, K = plan.row_of_pair_TK.shape
+    acc = _acc(ys_RD.dtype)
+    g_TKD = _gather_rows_graph(ys_RD, plan.row_of_pair_TK, plan.has_drops).to(acc).view(T, K, -1)
+    return torch.bmm(weights_TK.to(acc).unsqueeze(1), g_TKD).squeeze(1).to(ys_RD.dtype)
+
+
+def _combine_bwd_graph(grad_y_TD, ys_RD, weights_TK, plan: DispatchPlan):
+    T, K = plan.row_of_pair_TK.shape
+    pad, dtype, acc = plan.has_drops, ys_RD.dtype, _acc(ys_RD.dtype)
+    w_R1 = _gather_rows_graph(weights_TK.reshape(-1, 1).to(acc), plan.pair_of_row_R, pad)  # padding rows 0
+    grad_ys = (_gather_rows_graph(grad_y_TD.to(dtype), plan.token_of_row_R, pad).to(acc) * w_R1).to(dtype)
+    g_TKD = _gather_rows_graph(ys_RD, plan.row_of_pair_TK, pad).to(acc).view(T, K, -1)
+    grad_w_TK = (g_TKD * grad_y_TD.to(acc).unsqueeze(1)).sum(dim=-1)
+    return grad_ys, grad_w_TK.to(weights_TK.dtype)
+
+
+def _dispatch_bwd_graph(grad_xs_RD, plan: DispatchPlan):
+    T, K = plan.row_of_pair_TK.shape
+    dtype = grad_xs_RD.dtype
+    g_TKD = _gather_rows_graph(grad_xs_RD, plan.row_of_pair_TK, plan.has_drops).view(T, K, -1)
+    return g_TKD.to(_acc(dtype)).sum(dim=1).to(dtype)
+
+
 class _TorchDispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, plan):
         ctx.plan = plan
+        if torch.compiler.is_compiling():
+            return _gather_rows_graph(x_TD, plan.token_of_row_R, plan.has_drops)
         return _gather_rows(x_TD, plan.token_of_row_R, plan.has_drops)
 
     @staticmethod
     def backward(ctx, grad_xs_RD):
+        if torch.compiler.is_compiling():
+            return _dispatch_bwd_graph(grad_xs_RD, ctx.plan), None
         return _dispatch_bwd(grad_xs_RD.contiguous(), ctx.plan), None
 
 
@@ -162,11 +207,15 @@ class _TorchCombine(torch.autograd.Function):
     def forward(ctx, ys_RD, weights_TK, plan):
         ctx.plan = plan
         ctx.save_for_backward(ys_RD, weights_TK)
+        if torch.compiler.is_compiling():
+            return _combine_fwd_graph(ys_RD, weights_TK, plan)
         return _combine_fwd(ys_RD.contiguous(), weights_TK, plan)
 
     @staticmethod
     def backward(ctx, grad_y_TD):
         ys_RD, weights_TK = ctx.saved_tensors
+        if torch.compiler.is_compiling():
+            return (*_combine_bwd_graph(grad_y_TD, ys_RD, weights_TK, ctx.plan), None)
         grad_ys, grad_w = _combine_bwd(grad_y_TD.contiguous(), ys_RD.contiguous(), weights_TK, ctx.plan)
         return grad_ys, grad_w, None
 

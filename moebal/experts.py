@@ -44,11 +44,13 @@ def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
 
 
 # torch's fake (meta) kernel of grouped_mm accepts only bf16 (it mirrors the CUDA checks),
-# while the CPU kernel also runs fp32/fp16: under torch.compile those dtypes go through
-# this opaque op, whose backward is the same two grouped GEMMs torch's own autograd uses.
+# while the CPU kernel also runs fp32/fp16, and operands it cannot take at all (float64,
+# rows not a multiple of 16 bytes) need the per-expert loop, which reads the group ends on
+# the host: under torch.compile all of these go through this opaque op, whose backward is
+# the same two grouped GEMMs torch's own autograd uses.
 @torch.library.custom_op("moebal::grouped_mm", mutates_args=())
 def _grouped_mm_op(x_RD: torch.Tensor, w_EDH: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
-    return F.grouped_mm(x_RD, w_EDH, offs=offs_E)
+    return _grouped_mm(x_RD, w_EDH, offs_E)
 
 
 @_grouped_mm_op.register_fake
@@ -58,7 +60,10 @@ def _(x_RD, w_EDH, offs_E):
 
 @torch.library.custom_op("moebal::grouped_mm_wgrad", mutates_args=())
 def _grouped_mm_wgrad_op(x_RD: torch.Tensor, grad_RH: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
-    return F.grouped_mm(x_RD.t(), grad_RH, offs=offs_E)
+    if _grouped_mm_fits(x_RD, grad_RH):
+        return F.grouped_mm(x_RD.t(), grad_RH, offs=offs_E)
+    spans = _spans(offs_E)
+    return torch.stack([x_RD[s:e].t() @ grad_RH[s:e] for s, e in spans])
 
 
 @_grouped_mm_wgrad_op.register_fake
@@ -95,19 +100,29 @@ def grouped_matmul(x_RD: torch.Tensor, w_EDH: torch.Tensor, plan: DispatchPlan) 
     With a capacity every expert owns a fixed block of C rows, so this is one ``bmm``;
     dropless it is ``F.grouped_mm`` with the plan's int32 group ends, or, where that op
     is missing or cannot take the operands (float64, rows not a multiple of 16 bytes), a
-    per-expert loop (that fallback reads the group sizes on the host).
+    per-expert loop (that fallback reads the group sizes on the host; under torch.compile
+    it runs inside the opaque ``moebal::grouped_mm`` op, so the graph keeps static shapes).
     """
     E = w_EDH.shape[0]
     if plan.capacity is not None:
         C = plan.capacity
         return torch.bmm(x_RD.view(E, C, -1), w_EDH).view(E * C, -1)
+    if torch.compiler.is_compiling() and not (x_RD.dtype == torch.bfloat16 and _grouped_mm_fits(x_RD, w_EDH)):
+        return _grouped_mm_op(x_RD, w_EDH, plan.group_ends_E)
+    return _grouped_mm(x_RD, w_EDH, plan.group_ends_E)
+
+
+def _grouped_mm(x_RD: torch.Tensor, w_EDH: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    """``F.grouped_mm`` where it takes the operands, else one GEMM per expert."""
     if _grouped_mm_fits(x_RD, w_EDH):
-        if torch.compiler.is_compiling() and x_RD.dtype != torch.bfloat16:
-            return _grouped_mm_op(x_RD, w_EDH, plan.group_ends_E)
-        return F.grouped_mm(x_RD, w_EDH, offs=plan.group_ends_E)
-    ends = plan.group_ends_E.tolist()
-    starts = [0] + ends[:-1]
-    return torch.cat([x_RD[s:e] @ w_EDH[i] for i, (s, e) in enumerate(zip(starts, ends))], dim=0)
+        return F.grouped_mm(x_RD, w_EDH, offs=offs_E)
+    return torch.cat([x_RD[s:e] @ w_EDH[i] for i, (s, e) in enumerate(_spans(offs_E))], dim=0)
+
+
+def _spans(offs_E: torch.Tensor) -> list[tuple[int, int]]:
+    """Per expert ``(first row, end row)`` from the group ends, read on the host."""
+    ends = offs_E.tolist()
+    return list(zip([0] + ends[:-1], ends))
 
 
 # --- CPU path: per-expert ``torch.mm(..., out=)`` into reused buffers ----------------------
