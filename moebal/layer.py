@@ -115,11 +115,6 @@ class MoE(nn.Module):
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if top_k > num_experts:
             raise ValueError(f"top_k must be <= num_experts ({num_experts}), got {top_k}")
-        if capacity_factor is not None and (
-            isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)) or not capacity_factor > 0
-            or not math.isfinite(capacity_factor)
-        ):
-            raise ValueError(f"capacity_factor must be None or a finite number > 0, got {capacity_factor!r}")
         if isinstance(num_shared_experts, bool) or not isinstance(num_shared_experts, int) or num_shared_experts < 0:
             raise ValueError(f"num_shared_experts must be an int >= 0, got {num_shared_experts!r}")
         if shared_d_ff is not None and (
@@ -159,12 +154,37 @@ class MoE(nn.Module):
         state["aux_loss"] = self.aux_loss.detach().clone()
         return state
 
+    def __setstate__(self, state):
+        if "capacity_factor" in state:  # a module pickled before the factor was kept as a ratio
+            factor = state.pop("capacity_factor")
+            state["_capacity_ratio"] = None if factor is None else float(factor).as_integer_ratio()
+        super().__setstate__(state)
+
+    @property
+    def capacity_factor(self) -> float | None:
+        """c of the capacity ``ceil(c * T * K / E)``, None when dropless; settable."""
+        ratio = self._capacity_ratio
+        return None if ratio is None else ratio[0] / ratio[1]
+
+    @capacity_factor.setter
+    def capacity_factor(self, value: float | None) -> None:
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value)
+        ):
+            raise ValueError(f"capacity_factor must be None or a finite number > 0, got {value!r}")
+        # kept as the float's exact integer ratio (num / den gives the same float back):
+        # torch.compile(dynamic=True) reads a float attribute as a symbolic float, and a
+        # capacity computed from one cannot size the plan's tensors; ints stay constants
+        self._capacity_ratio = None if value is None else float(value).as_integer_ratio()
+
     def capacity(self, num_tokens: int) -> int | None:
         """Rows per expert for ``num_tokens`` tokens (None when dropless), at most ``num_tokens``:
         an expert receives each token at most once, so more rows could never be filled."""
         if self.capacity_factor is None:
             return None
-        return max(1, min(num_tokens, math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)))
+        # c * (T*K): compiled, the capacity is a symbolic expression that inductor evaluates with
+        # sympy, which folds c*T*K into (c*K)*T; with T*K grouped it rounds as eager does
+        return max(1, min(num_tokens, math.ceil(self.capacity_factor * (num_tokens * self.top_k) / self.num_experts)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):

@@ -397,9 +397,24 @@ def _all_reduce_sum(t: torch.Tensor, group) -> None:
 
 
 def _assign(scores_TE: torch.Tensor, top_k: int, solver: str) -> torch.Tensor:
+    if torch.compiler.is_compiling():  # the solvers loop on host reads: an opaque op to the compiler
+        return _assign_op(scores_TE, top_k, solver)
     from moebal import assignment
 
     return assignment.assign(scores_TE, top_k, solver=solver)
+
+
+@torch.library.custom_op("moebal::balanced_assign", mutates_args=())
+def _assign_op(scores_TE: torch.Tensor, top_k: int, solver: str) -> torch.Tensor:
+    """``assignment.assign`` as one op, so torch.compile(fullgraph=True) runs it as is."""
+    from moebal import assignment
+
+    return assignment.assign(scores_TE, top_k, solver=solver)
+
+
+@_assign_op.register_fake
+def _(scores_TE, top_k, solver):
+    return scores_TE.new_empty((scores_TE.shape[0], top_k), dtype=torch.int64)
 
 
 def make_router(spec, d_model: int, num_experts: int, top_k: int, device=None, dtype=None) -> Router:
