@@ -18,7 +18,6 @@ import copy
 
 import pytest
 import torch
-from torch._dynamo.utils import counters
 
 from moebal import MoE
 from moebal.functional import combine, dispatch
@@ -106,6 +105,9 @@ def _check_against_eager(router, capacity_factor, backend, tokens, d_model=LAYER
     eager = _layer(router, capacity_factor, d_model, dtype)
     moe = copy.deepcopy(eager)
     torch._dynamo.reset()
+    from torch._dynamo.utils import counters  # here, not at collection: it imports triton, and
+    # tests/test_kernels.py must import it first, under TRITON_INTERPRET=1
+
     counters.clear()
     compiled = torch.compile(moe, backend=backend, fullgraph=True, dynamic=True)
     g = torch.Generator().manual_seed(1)
