@@ -26,6 +26,7 @@ compiled graph.
 """
 from __future__ import annotations
 
+import collections
 import weakref
 from dataclasses import dataclass
 
@@ -80,8 +81,11 @@ class SelectionLog:
     only finds it again, so it never grows past the graphs the caller keeps alive.
     """
 
+    _UNHELD = 8  # selections kept strongly when no graph can own them (a router without gradient)
+
     def __init__(self):
         self._refs: list[weakref.ref] = []
+        self._unheld: collections.deque = collections.deque(maxlen=self._UNHELD)
 
     def __deepcopy__(self, memo):
         return SelectionLog()  # a copy owns no graph
@@ -90,12 +94,15 @@ class SelectionLog:
         return {}
 
     def __setstate__(self, state):
-        self._refs = []
+        self.__init__()
 
     def hold(self, t: torch.Tensor, selection: Selection) -> torch.Tensor:
         """Return ``t`` (a graph-carrying tensor of the output path) with ``selection`` hung on it."""
         self._refs = [r for r in self._refs if r() is not None]
         self._refs.append(weakref.ref(selection))
+        if not t.requires_grad:  # no graph to own it (a frozen router on input without grad)
+            self._unheld.append(selection)
+            return t
         return _Hold.apply(t, selection)
 
     def find(self, logits_TE: torch.Tensor) -> Selection | None:

@@ -413,3 +413,19 @@ def test_sigmoid_aux_loss_is_finite_when_every_sigmoid_underflows():
     assert torch.isfinite(routing.aux_loss) and torch.isfinite(routing.weights).all()
     # every token's normalised probabilities are uniform (equal logits): the loss is exactly alpha
     torch.testing.assert_close(routing.aux_loss, torch.tensor(0.1))
+
+
+def test_checkpoint_with_a_frozen_router_on_input_without_grad():
+    """The routing weights carry no graph, so nothing can own the selection: it is kept
+    (a bounded few) and the recompute still replays it."""
+    torch.manual_seed(16)
+    ref = moebal.MoE(D, F, E, K, router=Router(D, E, K, score="sigmoid", balancer=LossFree(rate=0.05)))
+    ref.router.gate.weight.requires_grad_(False)
+    ck = copy.deepcopy(ref)
+    x = _x(T=24)
+    ref(x).square().mean().backward()
+    checkpoint(ck, x, use_reentrant=False).square().mean().backward()
+    for (name, p), q in zip(ref.named_parameters(), ck.parameters()):
+        if p.grad is not None:
+            assert torch.equal(p.grad, q.grad), name
+    assert torch.equal(ref.router.expert_bias, ck.router.expert_bias)
