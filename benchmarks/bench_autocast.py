@@ -31,7 +31,7 @@ from torch import nn
 import moebal
 from moebal.bench.configs import CONFIGS
 from moebal.bench.timing import paired_ratio, run_once
-from moebal.experts import _cast
+from moebal.workspace import pooled_cast
 
 
 class _WeightCasts(nn.Module):
@@ -46,7 +46,7 @@ class _WeightCasts(nn.Module):
         for name, w in self.layer.named_parameters():
             if name.startswith("router."):  # the router runs fp32 under autocast: no cast
                 continue
-            total = total + _cast(w, torch.bfloat16).view(-1)[0].float()
+            total = total + pooled_cast(w, torch.bfloat16).view(-1)[0].float()
         return total.expand_as(x).to(torch.bfloat16)  # the backward sends one bf16 gradient per weight
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moebal.workspace import empty_buffer
+from moebal.workspace import empty_buffer, pooled_cast
 from moebal.plan import DispatchPlan
 
 __all__ = ["GroupedExperts", "ACTIVATIONS", "EXPERT_PATHS", "activate", "expert_ffn", "grouped_matmul"]
@@ -391,36 +391,6 @@ def expert_ffn(
     return _grouped_ffn(xs_RD, w_in_EDH, w_out_EFD, b_in_EH, b_out_ED, plan, activation)
 
 
-class _CastWeight(torch.autograd.Function):
-    """``w.to(dtype)`` with the cast and its gradient in pooled CPU buffers.
-
-    Under autocast the fp32 master weights are cast every forward and their gradients cast
-    back every backward. As fresh tensors, about two thirds of that time goes to first-touch
-    page faults (see ``moebal.workspace``): at config C this took autocast from 1.50x to
-    1.26x the time of bf16 weights. A pooled gradient that becomes ``.grad`` stays reserved
-    while ``.grad`` holds it. (Casting one expert at a time into a cached scratch instead
-    measured slower: the backward must then cast every weight a second time.)
-    """
-
-    @staticmethod
-    def forward(ctx, w, dtype):
-        ctx.src_dtype = w.dtype
-        return empty_buffer(w.shape, dtype, w.device).copy_(w)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return empty_buffer(grad.shape, ctx.src_dtype, grad.device).copy_(grad), None
-
-
-def _cast(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``w`` in ``dtype`` (autocast's weight cast), pooled on CPU in eager mode."""
-    if w.dtype == dtype:
-        return w
-    if w.device.type != "cpu" or torch.compiler.is_compiling():
-        return w.to(dtype)
-    return _CastWeight.apply(w, dtype)
-
-
 class GroupedExperts(nn.Module):
     """E experts, SwiGLU (``silu(x W_gate) * (x W_up) W_out``) or GELU (``gelu(x W_in) W_out``).
 
@@ -465,8 +435,8 @@ class GroupedExperts(nn.Module):
         b_in = self.b_in_EH.to(dtype) if self.b_in_EH is not None else None
         b_out = self.b_out_ED.to(dtype) if self.b_out_ED is not None else None
         return expert_ffn(
-            xs_RD, _cast(self.w_in_EDH, dtype), _cast(self.w_out_EFD, dtype), plan, self.activation, b_in, b_out,
-            self.path,
+            xs_RD, pooled_cast(self.w_in_EDH, dtype), pooled_cast(self.w_out_EFD, dtype), plan, self.activation,
+            b_in, b_out, self.path,
         )
 
     def forward_tokens(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:

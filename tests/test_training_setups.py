@@ -429,3 +429,18 @@ def test_checkpoint_with_a_frozen_router_on_input_without_grad():
         if p.grad is not None:
             assert torch.equal(p.grad, q.grad), name
     assert torch.equal(ref.router.expert_bias, ck.router.expert_bias)
+
+
+def test_pooled_cast_equals_to_and_never_reuses_a_live_gradient():
+    from moebal.workspace import pooled_cast
+
+    w = torch.randn(64, 2048, requires_grad=True)  # 512 KiB: large enough to be pooled
+    g1 = torch.randn(64, 2048).bfloat16()
+    out = pooled_cast(w, torch.bfloat16)
+    assert torch.equal(out, w.detach().bfloat16())
+    out.backward(g1)
+    first = w.grad
+    assert first.dtype == torch.float32 and torch.equal(first, g1.float())
+    w2 = torch.randn(64, 2048, requires_grad=True)
+    pooled_cast(w2, torch.bfloat16).backward(torch.ones(64, 2048, dtype=torch.bfloat16))
+    assert torch.equal(w.grad, g1.float()) and w.grad.data_ptr() != w2.grad.data_ptr()  # still w's own
