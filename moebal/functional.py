@@ -1,6 +1,8 @@
 """moebal.functional: the pure functions every layer is built from (no module state)."""
 from moebal.assignment import balanced_assignment
 from moebal.dispatch import combine, dispatch
+from moebal.entropy import global_entropy, local_entropy
+from moebal.hash_table import balanced_hash_table
 from moebal.routing import (
     loss_free_update,
     router_z_loss,
@@ -15,7 +17,10 @@ __all__ = [
     "sequence_aux_loss",
     "router_z_loss",
     "loss_free_update",
+    "local_entropy",
+    "global_entropy",
     "balanced_assignment",
+    "balanced_hash_table",
     "dispatch",
     "combine",
 ]
