@@ -111,6 +111,8 @@ class Router(nn.Module):
         scale: multiplier applied to the final weights (DeepSeek's routed scaling factor).
         balance_group: process group over which balancing counts are summed (see the
             module docstring); None keeps them local.
+        num_groups, top_groups: group-limited routing (DeepSeek-V3's ``n_group`` /
+            ``topk_group``, see ``topk_routing``); not with ``LinearAssignment``.
         device, dtype: factory kwargs for the gate weight, as ``nn.Linear`` takes them.
 
     Non-finite logits: the token is still routed to K valid experts (NaN ranks lowest), its
@@ -139,6 +141,8 @@ class Router(nn.Module):
         renormalize: bool | None = None,
         scale: float = 1.0,
         balance_group=None,
+        num_groups: int = 1,
+        top_groups: int | None = None,
         device=None,
         dtype=None,
     ):
@@ -155,11 +159,15 @@ class Router(nn.Module):
         if balancer is not None and not isinstance(balancer, (AuxLoss, LossFree, LinearAssignment)):
             raise TypeError(f"balancer must be AuxLoss, LossFree, LinearAssignment or None, got {balancer!r}")
         _check_coefficient("z_loss", z_loss)
+        R._check_groups(num_experts, top_k, num_groups, top_groups)
+        if isinstance(balancer, LinearAssignment) and top_groups is not None and top_groups < num_groups:
+            raise ValueError("group-limited routing (top_groups < num_groups) does not apply to LinearAssignment")
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
             raise ValueError(f"scale must be a finite number, got {scale!r}")
         self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
         self.score, self.balancer, self.z_loss, self.scale = score, balancer, float(z_loss), float(scale)
         self.renormalize = (top_k > 1) if renormalize is None else bool(renormalize)
+        self.num_groups, self.top_groups = num_groups, top_groups
         self.gate = nn.Linear(d_model, num_experts, bias=False, device=device, dtype=dtype)
         counter = dict(dtype=torch.int64, device=device)
         if isinstance(balancer, LossFree):
@@ -296,7 +304,10 @@ class Router(nn.Module):
             # topk_routing scores the logits again (~30 us at T=1024, E=16): reusing scores_TE would
             # merge the weights' and the aux loss's softmax backward into one, changing training
             # at the last bit, and with it every recorded `moebal compare` result
-            weights_TK, indices_TK = R.topk_routing(logits_TE, K, self.score, bias=bias, renormalize=self.renormalize)
+            weights_TK, indices_TK = R.topk_routing(
+                logits_TE, K, self.score, bias=bias, renormalize=self.renormalize,
+                num_groups=self.num_groups, top_groups=self.top_groups,
+            )
         if self.scale != 1.0:
             weights_TK = weights_TK * self.scale
 
@@ -369,6 +380,7 @@ class Router(nn.Module):
         return (
             f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, score={self.score!r}, "
             f"balancer={self.balancer}, z_loss={self.z_loss}, renormalize={self.renormalize}"
+            + (f", num_groups={self.num_groups}, top_groups={self.top_groups}" if self.top_groups is not None else "")
         )
 
 

@@ -55,6 +55,8 @@ def topk_routing(
     score: str = "softmax",
     bias: torch.Tensor | None = None,
     renormalize: bool = True,
+    num_groups: int = 1,
+    top_groups: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose ``top_k`` experts per token.
 
@@ -69,6 +71,12 @@ def topk_routing(
             about -87, or softmax entries that only a bias could choose), the row is
             computed in log space instead, as a softmax over the chosen log-scores (an
             exact identity); every other row is the plain quotient, bit for bit.
+        num_groups, top_groups: group-limited routing (DeepSeek-V3's ``n_group`` /
+            ``topk_group``): the E experts form ``num_groups`` equal groups of consecutive
+            experts; a group's score is the sum of its two highest (biased) selection
+            scores (its highest when a group has one expert); only the ``top_groups`` best
+            groups (ties: the lower group) stay eligible, the others' experts are masked
+            with -inf. ``top_groups=None`` keeps every group.
 
     Returns:
         ``(weights_TK fp32, indices_TK int64)``. Experts are ordered by biased score,
@@ -82,6 +90,7 @@ def topk_routing(
     _check_int("top_k", top_k)
     if top_k > num_experts:
         raise ValueError(f"top_k must be <= num_experts ({num_experts}), got {top_k}")
+    _check_groups(num_experts, top_k, num_groups, top_groups)
     scores_TE = scores_from_logits(logits_TE, score)
     select_TE = scores_TE
     if bias is not None:
@@ -90,10 +99,39 @@ def topk_routing(
         select_TE = scores_TE + bias.float()
     # NaN -> -inf so it sorts last; ties break toward the lower index
     select_TE = torch.nan_to_num(select_TE.detach(), nan=float("-inf"))
+    if top_groups is not None and top_groups < num_groups:
+        select_TE = _mask_groups(select_TE, num_groups, top_groups)
     indices_TK = _topk_indices(select_TE, top_k)
     # without a bias, softmax always chooses its largest score (>= 1/E), so no row can underflow
     can_underflow = score == "sigmoid" or bias is not None
     return _chosen_weights(scores_TE, logits_TE, indices_TK, score, renormalize, can_underflow), indices_TK
+
+
+def _check_groups(num_experts: int, top_k: int, num_groups, top_groups) -> None:
+    _check_int("num_groups", num_groups)
+    if num_experts % num_groups:
+        raise ValueError(f"num_groups ({num_groups}) must divide num_experts ({num_experts})")
+    if top_groups is None:
+        return
+    _check_int("top_groups", top_groups)
+    if top_groups > num_groups:
+        raise ValueError(f"top_groups must be <= num_groups ({num_groups}), got {top_groups}")
+    if top_k > top_groups * (num_experts // num_groups):
+        raise ValueError(
+            f"top_k ({top_k}) must be <= top_groups * experts per group = {top_groups * (num_experts // num_groups)}"
+        )
+
+
+def _mask_groups(select_TE: torch.Tensor, num_groups: int, top_groups: int) -> torch.Tensor:
+    """``select`` with every expert outside each token's ``top_groups`` best groups at -inf."""
+    T, E = select_TE.shape
+    select_TGN = select_TE.view(T, num_groups, E // num_groups)
+    best = min(2, E // num_groups)
+    group_TG = select_TGN.topk(best, dim=-1).values.sum(dim=-1)
+    # stable descending sort: equal group scores keep the lower group
+    keep_TG = torch.sort(group_TG, dim=-1, descending=True, stable=True).indices[:, :top_groups]
+    allowed_TG = torch.zeros(T, num_groups, dtype=torch.bool, device=select_TE.device).scatter_(1, keep_TG, True)
+    return select_TGN.masked_fill(~allowed_TG.unsqueeze(-1), float("-inf")).view(T, E)
 
 
 _TINY = torch.finfo(torch.float32).tiny  # the smallest normal fp32

@@ -100,3 +100,61 @@ def test_hash_table_checks_its_arguments():
         balanced_hash_table(torch.ones(3), 2, 3)
     with pytest.raises(ValueError, match="num_experts must be an int >= 1"):
         balanced_hash_table(torch.ones(3), 0)
+
+
+def _group_limited_reference(logits, bias, K, G, top_groups, score):
+    """float64 loops: DeepSeek-V3 group-limited top-k (ties -> lower index)."""
+    s = torch.softmax(logits.double(), -1) if score == "softmax" else torch.sigmoid(logits.double())
+    sel = s + bias.double()
+    T, E = sel.shape
+    n = E // G
+    out = []
+    for t in range(T):
+        gs = []
+        for g in range(G):
+            vals = sorted(sel[t, g * n:(g + 1) * n].tolist(), reverse=True)
+            gs.append(sum(vals[: min(2, n)]))
+        groups = sorted(range(G), key=lambda g: (-gs[g], g))[:top_groups]
+        eligible = [e for e in range(E) if e // n in groups]
+        out.append(sorted(eligible, key=lambda e: (-float(sel[t, e]), e))[:K])
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("E,G,top_groups,K", [(8, 4, 2, 2), (16, 8, 3, 4), (6, 3, 1, 2), (12, 4, 4, 3), (6, 6, 2, 2)])
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_group_limited_topk_equals_a_float64_loop(E, G, top_groups, K, score):
+    from moebal.functional import topk_routing
+
+    g = torch.Generator().manual_seed(E * 10 + G)
+    logits = torch.randn(50, E, generator=g) * 2
+    bias = torch.randn(E, generator=g) * 0.1
+    w, idx = topk_routing(logits, K, score, bias=bias, renormalize=False, num_groups=G, top_groups=top_groups)
+    assert torch.equal(idx, _group_limited_reference(logits, bias, K, G, top_groups, score))
+    scores = torch.softmax(logits, -1) if score == "softmax" else torch.sigmoid(logits)
+    assert torch.equal(w, scores.gather(1, idx))  # unbiased scores, as without groups
+
+
+def test_group_limited_arguments_are_checked():
+    from moebal.functional import topk_routing
+
+    x = torch.randn(3, 8)
+    with pytest.raises(ValueError, match="num_groups \\(3\\) must divide num_experts \\(8\\)"):
+        topk_routing(x, 2, num_groups=3, top_groups=1)
+    with pytest.raises(ValueError, match="top_groups must be <= num_groups"):
+        topk_routing(x, 2, num_groups=4, top_groups=5)
+    with pytest.raises(ValueError, match="top_k \\(5\\) must be <= top_groups"):
+        topk_routing(x, 5, num_groups=4, top_groups=2)
+
+
+def test_router_with_groups_routes_within_the_chosen_groups():
+    from moebal import LinearAssignment, LossFree, Router
+
+    torch.manual_seed(3)
+    r = Router(16, 8, 2, score="sigmoid", balancer=LossFree(), num_groups=4, top_groups=2)
+    x = torch.randn(30, 16)
+    routing = r(x)
+    logits = x @ r.gate.weight.t()
+    want = _group_limited_reference(logits, torch.zeros(8), 2, 4, 2, "sigmoid")
+    assert torch.equal(routing.indices, want)
+    with pytest.raises(ValueError, match="does not apply to LinearAssignment"):
+        Router(16, 8, 2, balancer=LinearAssignment(), num_groups=4, top_groups=2)
