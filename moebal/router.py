@@ -354,17 +354,15 @@ class Router(nn.Module):
         counts[:E].scatter_add_(0, indices_TK.reshape(-1), _pair_counts(finite_T, indices_TK.shape[1]))
         counts[E] = counts[:E].sum()
         _all_reduce_sum(counts, self.balance_group)
-        window = self.window_counts
-        if not self.window_open:  # outside a GlobalBatchBalance window every forward is its own step
-            window = torch.zeros_like(window) if not commits else window.zero_()
-            if commits:
+        if not commits:
+            window = (self.window_counts if self.window_open else torch.zeros_like(counts)) + counts
+        else:
+            if not self.window_open:  # outside a GlobalBatchBalance window every forward is its own step
+                self.window_counts.zero_()
                 self.window_probs.zero_()
-        if commits:
-            window += counts
+            window = self.window_counts.add_(counts)
             self.window_probs[:E] += probs_TE.detach().sum(0).double()
             self.window_probs[E] += probs_TE.shape[0]
-        else:
-            window = window + counts
         return window[:E].float() / window[E].clamp(min=1).float()
 
     @torch.no_grad()
