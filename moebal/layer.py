@@ -64,6 +64,10 @@ class MoE(nn.Module):
         shared_gate: scale the shared FFN's output by ``sigmoid(x w_gate)`` (Qwen2-MoE),
             a learned ``shared_gate.weight [1, D]``.
         ffn_bias: give every expert biases ``b_in_EH`` / ``b_out_ED`` (GPT-2-style FFNs).
+        jitter_noise: Mixtral's router jitter: in training, the layer's input is multiplied
+            by noise ``U(1 - eps, 1 + eps)`` drawn as ``torch.empty_like(x).uniform_``
+            (the same draws as a Mixtral block under the same seed), and the router and
+            the experts both see the noisy input. 0 = off; never applied at eval.
         device, dtype: factory kwargs for every parameter, as ``nn.Linear`` takes them
             (the loss-free bias stays fp32 and the counters int64 whatever ``dtype``).
             ``device="meta"``, then ``to_empty(device=...)`` and ``reset_parameters()``,
@@ -104,6 +108,7 @@ class MoE(nn.Module):
         shared_d_ff: int | None = None,
         shared_gate: bool = False,
         ffn_bias: bool = False,
+        jitter_noise: float = 0.0,
         device=None,
         dtype=None,
     ):
@@ -129,6 +134,9 @@ class MoE(nn.Module):
             raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {drop_policy!r}")
         self.d_model, self.d_ff, self.num_experts, self.top_k = d_model, d_ff, num_experts, top_k
         self.capacity_factor, self.backend, self.drop_policy = capacity_factor, backend, drop_policy
+        if isinstance(jitter_noise, bool) or not isinstance(jitter_noise, (int, float)) or not 0 <= jitter_noise < 1:
+            raise ValueError(f"jitter_noise must be a number in [0, 1), got {jitter_noise!r}")
+        self.jitter_noise = float(jitter_noise)
         factory = dict(device=device, dtype=dtype)
         self.router = make_router(router, d_model, num_experts, top_k, **factory)
         self.experts = GroupedExperts(d_model, d_ff, num_experts, activation, bias=ffn_bias, **factory)
@@ -193,6 +201,8 @@ class MoE(nn.Module):
             raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
         if x.dim() < 1 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must have shape [..., {self.d_model}], got {tuple(x.shape)}")
+        if self.training and self.jitter_noise > 0:
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         shape = x.shape
         x_TD = x.reshape(-1, self.d_model)
         seq_len = shape[-2] if x.dim() >= 3 else None
