@@ -372,13 +372,15 @@ def test_deepseek_v3_maps_to_a_loss_free_sigmoid_router():
 
 
 def test_unrepresentable_routing_raises_and_leaves_the_model_alone():
-    grouped = _moe_model("deepseek_v3", n_group=4, topk_group=2)
-    with pytest.raises(ConversionError, match="group-limited routing .*n_group=4, topk_group=2"):
+    # group-limited routing and jitter convert now (tests/test_hf_blocks_v2.py); these variants cannot
+    grouped = _moe_model("deepseek_v3", n_group=4, topk_group=1, num_experts_per_tok=3)  # 2 eligible experts < K
+    with pytest.raises(ConversionError, match="top_k=3 exceeds the 2 experts of the topk_group=1 kept groups"):
         convert_moe_blocks(grouped)
     assert type(grouped.model.layers[1].mlp).__name__ == "DeepseekV3MoE"
-    jitter = _moe_model("mixtral", router_jitter_noise=0.1)
-    with pytest.raises(ConversionError, match="jitter"):
+    jitter = _moe_model("mixtral", router_jitter_noise=1.0)
+    with pytest.raises(ConversionError, match="router_jitter_noise=1.0 >= 1"):
         convert_moe_blocks(jitter)
+    assert type(jitter.model.layers[0].mlp).__name__ == "MixtralSparseMoeBlock"
     logits = _moe_model("mixtral", output_router_logits=True)
     with pytest.raises(ConversionError, match="output_router_logits"):
         convert_moe_blocks(logits)

@@ -9,14 +9,25 @@ gate then up, and ``experts.down_proj [E, D, F]``; the ``is_transposed`` variant
 - Qwen3-MoE: as Qwen2-MoE without the shared expert.
 - DeepSeek-V3: sigmoid scores; ``e_score_correction_bias`` chooses experts only (moebal's
   loss-free ``expert_bias``, so the router gets a ``LossFree`` balancer); renormalise iff
-  ``norm_topk_prob``; ``routed_scaling_factor``; shared experts.
+  ``norm_topk_prob``; ``routed_scaling_factor``; shared experts. Group-limited routing
+  (``n_group > 1``, ``topk_group < n_group``) becomes ``Router(num_groups=n_group,
+  top_groups=topk_group)``: both score a group by the sum of its two highest biased
+  scores and mask the other groups' experts with -inf. With ``topk_group >= n_group``
+  every group is kept and the router is plain top-k (the same choice).
+- Mixtral's ``router_jitter_noise = eps > 0`` becomes ``MoE(jitter_noise=eps)``: in
+  training both multiply the block's input by ``torch.empty_like(x).uniform_(1 - eps,
+  1 + eps)`` before routing, so under the same RNG state they draw the same noise and
+  compute the same output. Mixtral multiplies the caller's tensor in place; moebal does
+  not modify its input. Qwen2-MoE, Qwen3-MoE and DeepSeek-V3 blocks have no jitter (a
+  block of theirs with a ``jitter_noise > 0`` attribute is refused).
 
 Not representable, so conversion raises :class:`ConversionError`:
 
-- DeepSeek-V3 group-limited routing that excludes groups (``n_group > 1`` and
-  ``topk_group < n_group``): moebal routes over all experts. With ``topk_group ==
-  n_group`` (or ``n_group == 1``) every group is kept and plain top-k is the same choice.
-- Mixtral's ``router_jitter_noise > 0`` (multiplicative input noise in training).
+- Group-limited routing that transformers cannot run or that leaves a token fewer than
+  ``top_k`` eligible experts: ``n_group`` not dividing the experts, groups of one expert
+  (transformers scores a group by its top 2), or ``top_k > topk_group * E / n_group``
+  (transformers would then pick masked experts).
+- Mixtral jitter with ``eps >= 1`` (a noise factor could be negative or zero).
 - Experts in per-expert ``ModuleList`` or interleaved gate/up layouts, post-expert norms,
   non-SiLU gates, and router classes not listed above.
 
@@ -26,7 +37,12 @@ different order than HF's per-expert ``index_add_``). Documented departures: moe
 computes router logits in fp32 where Mixtral/Qwen compute them in the model dtype, and
 keeps the routing weights in fp32 where Qwen rounds them to the model dtype (both the
 same in fp32 models); DeepSeek-V3 adds 1e-20 to the renormalising sum, which changes
-nothing unless the chosen sigmoid scores sum below about 1e-13.
+nothing unless the chosen sigmoid scores sum below about 1e-13. Ties: where two experts
+(or, with group-limited routing, two groups) score exactly alike at the top-k boundary,
+moebal keeps the lower index and transformers' ``topk(sorted=False)`` promises no order,
+so the choice may differ. transformers 4.x masked excluded groups with 0.0 instead of
+-inf, which differs where a kept expert's biased score is negative; those releases keep
+experts in a ``ModuleList``, which is refused anyway.
 """
 from __future__ import annotations
 
@@ -92,6 +108,8 @@ class _Semantics:
     shared_gate: bool
     expert_bias: bool  # expert FFN biases
     transposed: bool
+    groups: tuple[int, int | None] = (1, None)  # (num_groups, top_groups) that exclude groups, else (1, None)
+    jitter: float = 0.0  # Mixtral's router jitter
 
 
 def _check_experts(experts: nn.Module, where: str) -> tuple[bool, bool]:
@@ -127,29 +145,56 @@ def _semantics(block: nn.Module, family: str) -> _Semantics:
     F_ = experts.down_proj.shape[1] if transposed else experts.down_proj.shape[2]
     score, renormalize, scale, bias_E = "softmax", True, 1.0, False
     shared_d_ff, shared_gate = None, False
-    if family == "mixtral":
-        if getattr(block, "jitter_noise", 0) > 0:
-            raise ConversionError(
-                f"{where}: router_jitter_noise={block.jitter_noise} multiplies the inputs by noise in training; "
-                "moebal has no jitter. Set it to 0 to convert."
-            )
-    elif family in ("qwen2_moe", "qwen3_moe"):
+    groups, jitter = (1, None), _jitter(block, family, where)
+    if family in ("qwen2_moe", "qwen3_moe"):
         renormalize = bool(gate.norm_topk_prob)
     elif family == "deepseek_v3":
-        if gate.num_group > 1 and gate.topk_group < gate.num_group:
-            raise ConversionError(
-                f"{where}: group-limited routing (n_group={gate.num_group}, topk_group={gate.topk_group}) keeps "
-                "only some expert groups per token; moebal routes over all experts. Only n_group == 1 or "
-                "topk_group == n_group convert exactly."
-            )
         score, renormalize, bias_E = "sigmoid", bool(gate.norm_topk_prob), True
         scale = float(gate.routed_scaling_factor)
+        groups = _groups(gate, where)
     if family == "qwen2_moe":
         shared_d_ff, shared_gate = _check_shared_mlp(block.shared_expert, where), True
     elif family == "deepseek_v3":
         shared_d_ff = _check_shared_mlp(block.shared_experts, where)
     return _Semantics(D, F_, E, gate.top_k, score, renormalize, scale, bias_E, shared_d_ff, shared_gate,
-                      expert_bias, transposed)
+                      expert_bias, transposed, groups, jitter)
+
+
+def _jitter(block: nn.Module, family: str, where: str) -> float:
+    """Mixtral's multiplicative input noise (0 when off; HF applies it only when > 0)."""
+    eps = getattr(block, "jitter_noise", 0) or 0
+    if eps <= 0:
+        return 0.0
+    if family != "mixtral":  # none of these has jitter in transformers 5.x: a block that does is unknown
+        raise ConversionError(f"{where}: jitter_noise={eps}, but a {family} block has no jitter moebal knows of")
+    if eps >= 1:
+        raise ConversionError(
+            f"{where}: router_jitter_noise={eps} >= 1 lets the noise factor U(1 - eps, 1 + eps) reach zero or below; "
+            "moebal's jitter_noise must be in [0, 1)"
+        )
+    return float(eps)
+
+
+def _groups(gate: nn.Module, where: str) -> tuple[int, int | None]:
+    """``(n_group, topk_group)`` when group-limited routing excludes groups, else ``(1, None)``."""
+    G, M, E, K = gate.num_group, gate.topk_group, gate.num_experts, gate.top_k
+    if not isinstance(G, int) or not isinstance(M, int) or G < 1 or M < 1:
+        raise ConversionError(f"{where}: n_group={G!r}, topk_group={M!r} must be ints >= 1")
+    if G == 1 or M >= G:  # every group kept: plain top-k chooses the same experts
+        return 1, None
+    if E % G:
+        raise ConversionError(f"{where}: n_group={G} does not divide the {E} experts")
+    if E // G < 2:
+        raise ConversionError(
+            f"{where}: groups of one expert (n_group={G}, {E} experts): transformers scores a group by its "
+            "top 2 experts and cannot run this block"
+        )
+    if K > M * (E // G):
+        raise ConversionError(
+            f"{where}: top_k={K} exceeds the {M * (E // G)} experts of the topk_group={M} kept groups; "
+            "transformers would then choose among masked (-inf) experts"
+        )
+    return G, M
 
 
 def _rules(family: str, sem: _Semantics) -> list[Rule]:
@@ -224,12 +269,13 @@ def from_hf_moe_block(
             f"{type(block).__name__} chooses experts with e_score_correction_bias; moebal keeps that bias only "
             f"in a router with a LossFree balancer, got {balancer!r}"
         )
+    num_groups, top_groups = sem.groups  # only DeepSeek-V3 has groups, and it needs LossFree (above)
     router = Router(sem.d_model, sem.num_experts, sem.top_k, score=sem.score, balancer=balancer,
-                    renormalize=sem.renormalize, scale=sem.scale)
+                    renormalize=sem.renormalize, scale=sem.scale, num_groups=num_groups, top_groups=top_groups)
     moe = MoE(
         sem.d_model, sem.d_ff, sem.num_experts, sem.top_k, router=router, backend=backend,
         num_shared_experts=1 if sem.shared_d_ff else 0, shared_d_ff=sem.shared_d_ff,
-        shared_gate=sem.shared_gate, ffn_bias=sem.expert_bias,
+        shared_gate=sem.shared_gate, ffn_bias=sem.expert_bias, jitter_noise=sem.jitter,
     )
     fresh = ["router.load_counts"] if isinstance(balancer, LossFree) else []
     if isinstance(balancer, LossFree) and not sem.has_bias_E:
@@ -261,6 +307,8 @@ def to_hf_moe_block(moe: MoE, block_cls: type, config) -> nn.Module:
         isinstance(r.balancer, LossFree),
         moe.shared.w_out.in_features if moe.shared is not None else None, moe.shared_gate is not None,
         moe.experts.b_in_EH is not None, sem.transposed,
+        (r.num_groups, r.top_groups) if r.top_groups is not None and r.top_groups < r.num_groups else (1, None),
+        moe.jitter_noise,
     )
     diff = {k: (getattr(have, k), getattr(sem, k)) for k in sem.__dataclass_fields__
             if getattr(have, k) != getattr(sem, k)}
