@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import collections
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -52,8 +52,7 @@ class Selection:
     num_tokens: int
     fingerprint: torch.Tensor  # float64 0-d: the sum of the router logits
     indices_TK: torch.Tensor  # int64 [T, K]
-    fraction_E: torch.Tensor | None = None  # global-batch aux loss: the window's f at the time
-    bias_E: torch.Tensor | None = None  # loss-free: the bias the selection was made with
+    state: dict = field(default_factory=dict)  # what the policies remembered (a bias, a window's f)
     used: bool = False
 
 

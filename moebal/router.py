@@ -1,15 +1,14 @@
-"""Router: a linear gate plus a pluggable balancing policy.
+"""Router: a linear gate, top-k selection and a set of balancing policies.
 
-Shape legend: T tokens, D model dim, E experts, K top-k.
+Shape legend: T tokens, D model dim, E experts (plus Z null experts: the router chooses
+among E + Z), K top-k.
 
-Policies:
-- ``AuxLoss``: Switch/GShard balance loss (per batch, per sequence, or over the global
-  batch: counts summed over the data-parallel group and the micro-batches of a step).
-- ``LossFree``: DeepSeek's loss-free balancing; an fp32 ``expert_bias`` steers selection
-  only and moves by ``rate * sign(mean load - load)`` after each training step (``"auto"``)
-  or when ``moebal.update_biases(model)`` is called (``"manual"``).
-- ``LinearAssignment``: BASE layers; in training every expert gets exactly T*K/E tokens
-  (maximal total score); at eval, greedy top-k.
+A router is gate -> scores -> selection -> weights. ``balancer`` is one policy or a
+sequence of them (the protocol is in :mod:`moebal.policies.base`): at most one decides
+the selection (``LossFree``'s bias, ``LinearAssignment``, ``HashRouting``; without one,
+plain top-k), and the loss terms (``AuxLoss``, ``EntropyLoss``, ``ImportanceLoss``,
+``LoadLoss``) add up. DeepSeek-V3's recipe is
+``balancer=(LossFree(1e-3), AuxLoss(1e-4, "sequence"))``.
 
 Data parallelism: ``Router.balance_group`` (None = this process only) is the process group
 whose ranks' counts are summed (int64, exact) before a loss-free update and into the
@@ -26,84 +25,53 @@ import torch
 from torch import nn
 
 from moebal import routing as R
+from moebal.policies import AuxLoss, LinearAssignment, LossFree, Policy, RouteContext
+from moebal.policies.base import check_coefficient
+from moebal.policies.group import GroupRef, all_reduce_sum
 from moebal.recompute import Selection, SelectionLog, fingerprint, in_backward, saving_under_hooks
 
 __all__ = ["Router", "Routing", "AuxLoss", "LossFree", "LinearAssignment", "update_biases", "make_router"]
 
-
-def _check_coefficient(name: str, value) -> None:
-    """A finite number >= 0 (NaN and inf would poison every step silently)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-
-
-@dataclass(frozen=True)
-class AuxLoss:
-    """Switch/GShard auxiliary loss ``alpha * E * sum_i f_i P_i``.
-
-    ``variant``: ``"batch"`` (f, P over this forward's tokens), ``"sequence"`` (per
-    sequence, averaged) or ``"global_batch"`` (Qiu et al. 2025, "Demons in the Detail"):
-    f is the fraction of routed pairs per expert summed over the router's
-    ``balance_group`` and, inside a ``moebal.parallel.GlobalBatchBalance`` window, over
-    the micro-batches seen so far in the step; P stays local (this rank's tokens), so
-    under data-parallel gradient averaging the gradient has the scale of the concatenated
-    batch's loss, whatever the world size.
-    """
-
-    alpha: float = 1e-2
-    variant: str = "batch"
-
-    def __post_init__(self):
-        _check_coefficient("AuxLoss alpha", self.alpha)
-        if self.variant not in ("batch", "sequence", "global_batch"):
-            raise ValueError(f"AuxLoss variant must be 'batch', 'sequence' or 'global_batch', got {self.variant!r}")
-
-
-@dataclass(frozen=True)
-class LossFree:
-    """Bias-based loss-free balancing with update rate ``rate``; ``update`` "auto" or "manual"."""
-
-    rate: float = 1e-3
-    update: str = "auto"
-
-    def __post_init__(self):
-        _check_coefficient("LossFree rate", self.rate)
-        if self.update not in ("auto", "manual"):
-            raise ValueError(f"LossFree update must be 'auto' or 'manual', got {self.update!r}")
-
-
-@dataclass(frozen=True)
-class LinearAssignment:
-    """BASE layers' balanced assignment; ``solver`` "exact", "sinkhorn" or "quantile"."""
-
-    solver: str = "exact"
-
-    def __post_init__(self):
-        if self.solver not in ("exact", "sinkhorn", "quantile"):
-            raise ValueError(f"LinearAssignment solver must be 'exact', 'sinkhorn' or 'quantile', got {self.solver!r}")
+_check_coefficient = check_coefficient  # the name other modules imported
 
 
 @dataclass
 class Routing:
     """What a router decided for T tokens."""
 
-    indices: torch.Tensor  # int64 [T, K]
-    weights: torch.Tensor  # fp32 [T, K], combine weights (unbiased scores, scaled)
-    scores: torch.Tensor  # fp32 [T, E], softmax/sigmoid scores
+    indices: torch.Tensor  # int64 [T, K], in [0, E + Z); -1 = no expert (a masked token)
+    weights: torch.Tensor  # fp32 [T, K], combine weights (unbiased scores, scaled); 0 for -1
+    scores: torch.Tensor | None  # fp32 [T, E + Z] softmax/sigmoid scores; None when no policy needed the gate
     aux_loss: torch.Tensor  # fp32 scalar, already multiplied by its coefficients; 0 if none
     nonfinite_tokens: torch.Tensor  # int64 scalar, tokens whose logits were not all finite
     replayed: bool = False  # an activation checkpoint's recompute that replayed the first pass's selection
 
 
+def _as_policies(balancer) -> tuple[Policy, ...]:
+    policies = () if balancer is None else tuple(balancer) if isinstance(balancer, (tuple, list)) else (balancer,)
+    for p in policies:
+        if not isinstance(p, Policy):
+            raise TypeError(
+                f"balancer must be a policy (AuxLoss, LossFree, LinearAssignment, HashRouting, EntropyLoss, "
+                f"ImportanceLoss, LoadLoss), a sequence of them or None, got {p!r}"
+            )
+    selecting = [p for p in policies if p.selects]
+    if len(selecting) > 1:
+        raise ValueError(f"at most one balancing policy may decide the selection, got {selecting}")
+    kinds = [type(p).__name__ for p in policies]
+    repeated = sorted({k for k in kinds if kinds.count(k) > 1})
+    if repeated:
+        raise ValueError(f"each policy type may appear once in balancer, got {repeated} more than once")
+    return policies
+
+
 class Router(nn.Module):
-    """Linear gate ``logits = x W^T`` with top-k selection and a balancing policy.
+    """Linear gate ``logits = x W^T`` with top-k selection and balancing policies.
 
     Args:
-        d_model, num_experts, top_k: sizes; ``1 <= top_k <= num_experts``.
+        d_model, num_experts, top_k: sizes; ``1 <= top_k <= num_experts + num_null_experts``.
         score: ``"softmax"`` or ``"sigmoid"``.
-        balancer: ``AuxLoss(...)``, ``LossFree(...)``, ``LinearAssignment(...)`` or None.
+        balancer: one policy, a sequence of policies, or None (see the module docstring).
         z_loss: coefficient of the router z-loss (0 = off).
         renormalize: renormalise the top-k weights to sum 1. Default (None): True when
             top_k > 1; False for top_k == 1, where renormalising would make every weight 1
@@ -113,7 +81,15 @@ class Router(nn.Module):
             module docstring); None keeps them local.
         num_groups, top_groups: group-limited routing (DeepSeek-V3's ``n_group`` /
             ``topk_group``, see ``topk_routing``); not with ``LinearAssignment``.
+        num_null_experts: Z null experts the gate scores besides the E real ones (AdaMoE,
+            MoE++): a token's K choices may include null experts (indices E .. E+Z-1),
+            which ``moebal.MoE`` never dispatches.
         device, dtype: factory kwargs for the gate weight, as ``nn.Linear`` takes them.
+
+    ``forward(x [T, D], seq_len=None, token_mask=None, token_ids=None, token_groups=None)``:
+    ``token_mask`` (bool [T], True = a real token): a masked token gets indices -1 and
+    weights 0 and counts in no statistic, loss or bias update; ``token_ids`` feed hash
+    routing; ``token_groups`` (int [T]) are the groups of per-group losses.
 
     Non-finite logits: the token is still routed to K valid experts (NaN ranks lowest), its
     weights are NaN so the loss shows it, and ``Routing.nonfinite_tokens`` counts it; it
@@ -136,54 +112,83 @@ class Router(nn.Module):
         num_experts: int,
         top_k: int,
         score: str = "softmax",
-        balancer: AuxLoss | LossFree | LinearAssignment | None = None,
+        balancer=None,
         z_loss: float = 0.0,
         renormalize: bool | None = None,
         scale: float = 1.0,
         balance_group=None,
         num_groups: int = 1,
         top_groups: int | None = None,
+        num_null_experts: int = 0,
         device=None,
         dtype=None,
     ):
         super().__init__()
-        for name, value in (("d_model", d_model), ("num_experts", num_experts), ("top_k", top_k)):
+        for name, value, low in (("d_model", d_model, 1), ("num_experts", num_experts, 1), ("top_k", top_k, 1),
+                                 ("num_null_experts", num_null_experts, 0)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, got {value!r}")
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if top_k > num_experts:
-            raise ValueError(f"top_k must be <= num_experts ({num_experts}), got {top_k}")
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
+        if top_k > num_experts + num_null_experts:
+            raise ValueError(f"top_k must be <= num_experts + num_null_experts ({num_experts + num_null_experts}), got {top_k}")
         if score not in ("softmax", "sigmoid"):
             raise ValueError(f"score must be 'softmax' or 'sigmoid', got {score!r}")
-        if balancer is not None and not isinstance(balancer, (AuxLoss, LossFree, LinearAssignment)):
-            raise TypeError(f"balancer must be AuxLoss, LossFree, LinearAssignment or None, got {balancer!r}")
-        _check_coefficient("z_loss", z_loss)
-        R._check_groups(num_experts, top_k, num_groups, top_groups)
-        if isinstance(balancer, LinearAssignment) and top_groups is not None and top_groups < num_groups:
-            raise ValueError("group-limited routing (top_groups < num_groups) does not apply to LinearAssignment")
+        policies = _as_policies(balancer)
+        check_coefficient("z_loss", z_loss)
+        if num_null_experts and num_groups != 1:
+            raise ValueError("group-limited routing (num_groups > 1) does not combine with null experts")
+        R._check_groups(num_experts + num_null_experts, top_k, num_groups, top_groups)
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
             raise ValueError(f"scale must be a finite number, got {scale!r}")
         self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
-        self.score, self.balancer, self.z_loss, self.scale = score, balancer, float(z_loss), float(scale)
+        self.num_null_experts = num_null_experts
+        self.score, self.z_loss, self.scale = score, float(z_loss), float(scale)
         self.renormalize = (top_k > 1) if renormalize is None else bool(renormalize)
         self.num_groups, self.top_groups = num_groups, top_groups
-        self.gate = nn.Linear(d_model, num_experts, bias=False, device=device, dtype=dtype)
-        counter = dict(dtype=torch.int64, device=device)
-        if isinstance(balancer, LossFree):
-            self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32, device=device))
-            self._local = {"load_counts": torch.zeros(num_experts, **counter)}
-        else:
-            self.expert_bias = None
-            self._local = {}
+        self.gate = nn.Linear(d_model, num_experts + num_null_experts, bias=False, device=device, dtype=dtype)
+        self._local = {}  # each rank's own counters: see _apply and the state-dict hooks
         self.balance_group = balance_group
-        if isinstance(balancer, AuxLoss) and balancer.variant == "global_batch":
-            # the step's window: summed counts [E] + routed pairs, and local detached
-            # sums of P and tokens for the exact step value (GlobalBatchBalance)
-            self._local["window_counts"] = torch.zeros(num_experts + 1, **counter)
-            self._local["window_probs"] = torch.zeros(num_experts + 1, dtype=torch.float64, device=device)
-            self.window_open = False
+        self.balancer = balancer
         self._selections = SelectionLog()
+        self._route_hook = None  # set by moebal.record_routing / replay_routing
+
+    @property
+    def num_choices(self) -> int:
+        """E + Z: the experts a token can be routed to, null experts included."""
+        return self.num_experts + self.num_null_experts
+
+    @property
+    def balancer(self):
+        """The ``balancer`` the router was built with (one policy, a sequence, or None); settable."""
+        return self._balancer
+
+    @balancer.setter
+    def balancer(self, value) -> None:
+        # the policies set their state up afresh; state a new policy shares with the old ones
+        # (a loss-free bias and its counts, say) keeps its values
+        policies = _as_policies(value)
+        old_bias, old_local = self._buffers.pop("expert_bias", None), dict(self._local)
+        self.__dict__.pop("expert_bias", None)
+        self._local.clear()
+        for policy in policies:
+            policy.setup(self)
+        if "expert_bias" not in self._buffers:
+            self.expert_bias = None
+        elif old_bias is not None and old_bias.shape == self.expert_bias.shape:
+            self._buffers["expert_bias"] = old_bias
+        for name, t in old_local.items():
+            if name in self._local and self._local[name].shape == t.shape:
+                self._local[name] = t
+        self._balancer, self.policies = value, policies
+
+    def policy(self, kind: type):
+        """This router's policy of type ``kind``, or None."""
+        return next((p for p in self.policies if isinstance(p, kind)), None)
+
+    @property
+    def selector(self) -> Policy | None:
+        return next((p for p in self.policies if p.selects), None)
 
     # --- state: counters that are each rank's own, a bias that keeps fp32 ----------------
 
@@ -251,7 +256,7 @@ class Router(nn.Module):
 
     @balance_group.setter
     def balance_group(self, group) -> None:
-        self._balance_group = _GroupRef(group)
+        self._balance_group = GroupRef(group)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -264,167 +269,135 @@ class Router(nn.Module):
 
     # --- forward ----------------------------------------------------------------------------
 
-    def forward(self, x_TD: torch.Tensor, seq_len: int | None = None) -> Routing:
+    def forward(
+        self,
+        x_TD: torch.Tensor,
+        seq_len: int | None = None,
+        token_mask: torch.Tensor | None = None,
+        token_ids: torch.Tensor | None = None,
+        token_groups: torch.Tensor | None = None,
+    ) -> Routing:
         """Route ``x [T, D]``; ``seq_len`` (rows per sequence) is needed by the sequence aux loss."""
         if x_TD.dim() != 2 or x_TD.shape[-1] != self.d_model:
             raise ValueError(f"x must have shape [T, {self.d_model}], got {tuple(x_TD.shape)}")
-        with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            logits_TE = nn.functional.linear(x_TD.float(), self.gate.weight.float())
-        E, K = self.num_experts, self.top_k
-        finite_T = torch.isfinite(logits_TE).all(dim=-1)
+        T = x_TD.shape[0]
+        token_mask = _check_per_token("token_mask", token_mask, T, bool_=True)
+        token_ids = _check_per_token("token_ids", token_ids, T)
+        token_groups = _check_per_token("token_groups", token_groups, T)
+        selector = self.selector
+        needs_logits = self.z_loss > 0 or selector is None or any(p.needs_logits for p in self.policies)
+        if needs_logits:
+            with torch.autocast(device_type=x_TD.device.type, enabled=False):
+                logits_TE = nn.functional.linear(x_TD.float(), self.gate.weight.float())
+            finite_T = torch.isfinite(logits_TE).all(dim=-1)
+        else:  # hash routing with unit weights: no gate GEMM at all
+            logits_TE, finite_T = None, torch.isfinite(x_TD).all(dim=-1)
         nonfinite = (~finite_T).sum()
-        bal = self.balancer
         eager_training = self.training and not torch.compiler.is_compiling()
         replay = None
-        if eager_training and in_backward():  # a checkpoint's recompute: replay the first pass
+        if eager_training and in_backward() and logits_TE is not None:  # a checkpoint's recompute: replay the first pass
             replay = self._selections.find(logits_TE)
             if replay is None and saving_under_hooks():
                 raise RuntimeError(
                     "moebal.Router: a non-reentrant checkpoint recomputed this router, but its first pass left no "
                     "selection to replay (was the first pass run in eval mode or under no_grad?)"
                 )
-        # a training step moves state; a no-grad forward or a replayed recompute does not
+        forced = self._route_hook.indices_for(self, T) if self._route_hook is not None else None
+        # a training step moves state; a no-grad forward, a replayed recompute and (unless
+        # asked) a replayed routing do not
         commits = self.training and torch.is_grad_enabled() and replay is None
+        if forced is not None and not self._route_hook.update_state:
+            commits = False
+        ctx = RouteContext(self, logits_TE, None, finite_T, token_mask, seq_len, token_ids, token_groups,
+                           self.training, commits, replay)
+        if logits_TE is not None:
+            if self.training:
+                for policy in self.policies:
+                    ctx.logits_TE = policy.perturb(ctx, ctx.logits_TE)
+            ctx.scores_TE = R.scores_from_logits(ctx.logits_TE, self.score)
         # the recompute must run the same ops as the first pass (checkpoint matches the tensors
         # they save by order): only what the selection depended on is swapped for the record
-        scores_TE = R.scores_from_logits(logits_TE, self.score)
-        bias = None
-        if isinstance(bal, LinearAssignment) and self.training:
-            with torch.no_grad():
-                # a non-finite token takes whichever seats are left (a zero score everywhere), so
-                # T*K stays the multiple of E that BASE needs; its weights come out NaN below
-                indices_TK = replay.indices_TK if replay is not None else _assign(
-                    torch.where(finite_T[:, None], scores_TE.detach(), 0.0), K, bal.solver
-                )
-            # the same weights rule as topk_routing: finite for finite logits, NaN for a non-finite token
-            weights_TK = R._chosen_weights(scores_TE, logits_TE, indices_TK, self.score, self.renormalize)
+        if forced is not None:
+            weights_TK, indices_TK = _forced_weights(ctx, forced), forced
+        elif selector is not None:
+            weights_TK, indices_TK = selector.select(ctx)
         else:
-            if isinstance(bal, LossFree):
-                bias = replay.bias_E if replay is not None else self.expert_bias
             # topk_routing scores the logits again (~30 us at T=1024, E=16): reusing scores_TE would
             # merge the weights' and the aux loss's softmax backward into one, changing training
             # at the last bit, and with it every recorded `moebal compare` result
             weights_TK, indices_TK = R.topk_routing(
-                logits_TE, K, self.score, bias=bias, renormalize=self.renormalize,
+                ctx.logits_TE, self.top_k, self.score, renormalize=self.renormalize,
                 num_groups=self.num_groups, top_groups=self.top_groups,
             )
+        if token_mask is not None:  # a masked token goes nowhere
+            indices_TK = torch.where(token_mask[:, None], indices_TK, -1)
+            weights_TK = torch.where(token_mask[:, None], weights_TK, 0.0)
         if self.scale != 1.0:
             weights_TK = weights_TK * self.scale
+        ctx.indices_TK, ctx.weights_TK = indices_TK, weights_TK
 
-        aux = logits_TE.new_zeros(())
-        fraction_E = None
-        has_tokens = logits_TE.shape[0] > 0  # no tokens, no loss (exactly 0, never NaN)
-        if isinstance(bal, AuxLoss) and bal.alpha > 0 and self.training and has_tokens:
-            # sigmoid scores normalised per token: s / sum(s) as a softmax of logsigmoid (never 0/0)
-            probs_TE = scores_TE if self.score == "softmax" else torch.softmax(nn.functional.logsigmoid(logits_TE), -1)
-            if bal.variant == "sequence":
-                if seq_len is None:
-                    raise ValueError("AuxLoss(variant='sequence') needs seq_len (pass x as [B, S, D] to MoE)")
-                aux = aux + bal.alpha * R.sequence_aux_loss(probs_TE, indices_TK, E, seq_len)
-            elif bal.variant == "global_batch":
-                fraction_E = replay.fraction_E if replay is not None else self._window_fraction(indices_TK, finite_T, probs_TE, commits)
-                aux = aux + bal.alpha * E * torch.dot(fraction_E, probs_TE.float().mean(dim=0))
-            else:
-                aux = aux + bal.alpha * R.switch_aux_loss(probs_TE, indices_TK, E)
-        if self.z_loss > 0 and self.training and has_tokens:
-            aux = aux + self.z_loss * R.router_z_loss(logits_TE)
+        aux = x_TD.new_zeros((), dtype=torch.float32)
+        for policy in self.policies:
+            term = policy.loss(ctx)
+            if term is not None:
+                aux = aux + term
+        if self.z_loss > 0 and self.training and T > 0:  # no tokens, no loss (exactly 0, never NaN)
+            aux = aux + self.z_loss * R.router_z_loss(ctx.logits_TE, mask=token_mask)
 
-        if eager_training and replay is None and torch.is_grad_enabled() and saving_under_hooks():
-            selection = Selection(
-                logits_TE.shape[0], fingerprint(logits_TE), indices_TK, fraction_E, None if bias is None else bias.clone()
-            )
+        if eager_training and replay is None and torch.is_grad_enabled() and saving_under_hooks() and logits_TE is not None:
+            selection = Selection(T, fingerprint(logits_TE), indices_TK, dict(ctx.remembered))
             weights_TK = self._selections.hold(weights_TK, selection)
-        if isinstance(bal, LossFree) and commits:
-            with torch.no_grad():
-                self.load_counts.scatter_add_(0, indices_TK.reshape(-1), _pair_counts(finite_T, K))
-                if bal.update == "auto":
-                    _all_reduce_sum(self.load_counts, self.balance_group)
-                    self.apply_bias_update()
-        return Routing(indices_TK, weights_TK, scores_TE, aux, nonfinite, replayed=replay is not None)
-
-    @torch.no_grad()
-    def _window_fraction(self, indices_TK, finite_T, probs_TE, commits: bool) -> torch.Tensor:
-        """f_E of the global-batch loss: the window's counts (summed over the group) with these.
-
-        Only a committing forward adds to the window; a no-grad training forward sees the
-        counts it would add without adding them.
-        """
-        E = self.num_experts
-        counts = torch.zeros(E + 1, dtype=torch.int64, device=indices_TK.device)
-        counts[:E].scatter_add_(0, indices_TK.reshape(-1), _pair_counts(finite_T, indices_TK.shape[1]))
-        counts[E] = counts[:E].sum()
-        _all_reduce_sum(counts, self.balance_group)
-        if not commits:
-            window = (self.window_counts if self.window_open else torch.zeros_like(counts)) + counts
-        else:
-            if not self.window_open:  # outside a GlobalBatchBalance window every forward is its own step
-                self.window_counts.zero_()
-                self.window_probs.zero_()
-            window = self.window_counts.add_(counts)
-            self.window_probs[:E] += probs_TE.detach().sum(0).double()
-            self.window_probs[E] += probs_TE.shape[0]
-        return window[:E].float() / window[E].clamp(min=1).float()
+        if commits:
+            for policy in self.policies:
+                policy.commit(ctx)
+        if self._route_hook is not None and replay is None:
+            self._route_hook.seen(self, indices_TK)
+        return Routing(indices_TK, weights_TK, ctx.scores_TE, aux, nonfinite, replayed=replay is not None)
 
     @torch.no_grad()
     def apply_bias_update(self, load_E: torch.Tensor | None = None) -> None:
         """Move the bias by the accumulated (or given) load and reset the counters."""
-        if not isinstance(self.balancer, LossFree):
+        policy = self.policy(LossFree)
+        if policy is None:
             raise RuntimeError("apply_bias_update needs a LossFree balancer")
-        load_E = self.load_counts if load_E is None else load_E
-        self.expert_bias.copy_(R.loss_free_update(self.expert_bias, load_E, self.balancer.rate))
-        self.load_counts.zero_()
+        policy.apply(self, load_E)
 
     def extra_repr(self) -> str:
         return (
             f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, score={self.score!r}, "
             f"balancer={self.balancer}, z_loss={self.z_loss}, renormalize={self.renormalize}"
             + (f", num_groups={self.num_groups}, top_groups={self.top_groups}" if self.top_groups is not None else "")
+            + (f", num_null_experts={self.num_null_experts}" if self.num_null_experts else "")
         )
 
 
-def _pair_counts(finite_T: torch.Tensor, top_k: int) -> torch.Tensor:
-    """int64 [T*K]: 1 for each (token, slot) pair of a token with finite logits, else 0."""
-    return finite_T.unsqueeze(1).expand(-1, top_k).reshape(-1).long()
+def _check_per_token(name: str, value, num_tokens: int, bool_: bool = False):
+    if value is None:
+        return None
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(value).__name__}")
+    if bool_ and value.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor (True = a real token), got dtype {value.dtype}")
+    if not bool_ and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer tensor, got dtype {value.dtype}")
+    if value.numel() != num_tokens:
+        raise ValueError(f"{name} must have one entry per token ({num_tokens}), got shape {tuple(value.shape)}")
+    return value.reshape(num_tokens)
 
 
-class _GroupRef:
-    """Holds a process group; deep copies of the router share it (groups cannot be copied)."""
-
-    __slots__ = ("group",)
-
-    def __init__(self, group):
-        self.group = group
-
-    def __deepcopy__(self, memo):
-        return self
-
-
-def _all_reduce_sum(t: torch.Tensor, group) -> None:
-    """Sum ``t`` over ``group`` in place; a no-op for ``group=None`` or without torch.distributed."""
-    dist = torch.distributed
-    if group is not None and dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-
-
-def _assign(scores_TE: torch.Tensor, top_k: int, solver: str) -> torch.Tensor:
-    if torch.compiler.is_compiling():  # the solvers loop on host reads: an opaque op to the compiler
-        return _assign_op(scores_TE, top_k, solver)
-    from moebal import assignment
-
-    return assignment.assign(scores_TE, top_k, solver=solver)
-
-
-@torch.library.custom_op("moebal::balanced_assign", mutates_args=())
-def _assign_op(scores_TE: torch.Tensor, top_k: int, solver: str) -> torch.Tensor:
-    """``assignment.assign`` as one op, so torch.compile(fullgraph=True) runs it as is."""
-    from moebal import assignment
-
-    return assignment.assign(scores_TE, top_k, solver=solver)
-
-
-@_assign_op.register_fake
-def _(scores_TE, top_k, solver):
-    return scores_TE.new_empty((scores_TE.shape[0], top_k), dtype=torch.int64)
+def _forced_weights(ctx: RouteContext, indices_TK: torch.Tensor) -> torch.Tensor:
+    """The router's weights at replayed experts: bit-identical to the first pass where a row
+    has no -1; rows with a -1 renormalise over their real choices."""
+    router = ctx.router
+    if ctx.scores_TE is None:  # a gate-free hash router: its weights do not depend on the scores
+        return router.selector.unit_weights(indices_TK)
+    valid_TK = indices_TK >= 0
+    safe_TK = indices_TK.clamp(min=0)
+    chosen_TK = R._chosen_weights(ctx.scores_TE, ctx.logits_TE, safe_TK, router.score, router.renormalize)
+    partial_TK = torch.where(valid_TK, ctx.scores_TE.gather(1, safe_TK), 0.0)
+    if router.renormalize:
+        partial_TK = partial_TK / partial_TK.sum(-1, keepdim=True).clamp(min=R._TINY)
+    return torch.where(valid_TK.all(-1, keepdim=True), chosen_TK, partial_TK)
 
 
 def make_router(spec, d_model: int, num_experts: int, top_k: int, device=None, dtype=None) -> Router:
@@ -457,7 +430,7 @@ def update_biases(model: nn.Module, group=None) -> int:
     ``group=None`` means each router's ``balance_group`` when set, else the default group.
     Returns the number of routers updated.
     """
-    routers = [m for m in model.modules() if isinstance(m, Router) and isinstance(m.balancer, LossFree)]
+    routers = [m for m in model.modules() if isinstance(m, Router) and m.policy(LossFree) is not None]
     dist = torch.distributed
     distributed = dist.is_available() and dist.is_initialized()
     for router in routers:

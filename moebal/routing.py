@@ -204,13 +204,17 @@ def _expert_fraction(indices_TK: torch.Tensor, num_experts: int) -> torch.Tensor
     return counts_E / max(flat.numel(), 1)
 
 
-def switch_aux_loss(probs_TE: torch.Tensor, indices_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+def switch_aux_loss(
+    probs_TE: torch.Tensor, indices_TK: torch.Tensor, num_experts: int, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Switch/GShard balance loss ``E * sum_i f_i * P_i``.
 
     ``f_i`` is the fraction of the T*K routed pairs sent to expert i (all K choices count),
     ``P_i`` the mean router probability of expert i over the T tokens. Perfectly balanced
     routing with rows of ``probs`` summing to 1 gives exactly 1.0; all tokens collapsed
     onto the same K experts gives E/K. Only ``P`` carries gradient. Zero tokens give 0.
+    ``mask`` (bool [T], True = the token counts): f and P over the kept tokens only (a
+    masked token's index may be -1); no kept token gives 0.
     """
     _check_int("num_experts", num_experts)
     if probs_TE.dim() != 2 or probs_TE.shape[-1] != num_experts:
@@ -219,9 +223,34 @@ def switch_aux_loss(probs_TE: torch.Tensor, indices_TK: torch.Tensor, num_expert
         raise ValueError(
             f"indices must have shape [T={probs_TE.shape[0]}, K], got {tuple(indices_TK.shape)}"
         )
+    if mask is not None:
+        _check_mask(mask, probs_TE.shape[0])
+        return num_experts * _masked_fractions(probs_TE, indices_TK, num_experts, mask[None]).sum()
     f_E = _expert_fraction(indices_TK, num_experts)
     P_E = _mean0(probs_TE.float())
     return num_experts * torch.dot(f_E, P_E)
+
+
+def _check_mask(mask: torch.Tensor, num_tokens: int) -> None:
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != (num_tokens,):
+        got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"mask must be a bool tensor of shape [T={num_tokens}], got {got}")
+
+
+def _masked_fractions(probs_TE, indices_TK, num_experts: int, mask_BS: torch.Tensor) -> torch.Tensor:
+    """[B, E] ``f * P`` per sequence over its kept tokens, divided by the number of
+    sequences with a kept token (so that summing over B and E averages those sequences)."""
+    B, S = mask_BS.shape
+    K = indices_TK.shape[-1]
+    keep_BS = mask_BS.float()
+    pair_BN = (keep_BS[:, :, None] * (indices_TK >= 0).view(B, S, K).float()).view(B, S * K)
+    counts_BE = torch.zeros(B, num_experts, dtype=torch.float32, device=probs_TE.device)
+    counts_BE.scatter_add_(1, indices_TK.clamp(min=0).view(B, S * K), pair_BN)
+    kept_B1 = keep_BS.sum(dim=1, keepdim=True)
+    f_BE = counts_BE / (kept_B1 * K).clamp(min=1)
+    probs_BSE = torch.where(mask_BS[:, :, None], probs_TE.float().view(B, S, num_experts), 0.0)
+    P_BE = probs_BSE.sum(dim=1) / kept_B1.clamp(min=1)
+    return f_BE * P_BE / (kept_B1 > 0).sum().clamp(min=1)
 
 
 def _mean0(x: torch.Tensor) -> torch.Tensor:
@@ -230,12 +259,15 @@ def _mean0(x: torch.Tensor) -> torch.Tensor:
 
 
 def sequence_aux_loss(
-    probs_TE: torch.Tensor, indices_TK: torch.Tensor, num_experts: int, seq_len: int
+    probs_TE: torch.Tensor, indices_TK: torch.Tensor, num_experts: int, seq_len: int,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DeepSeek-V3 per-sequence balance loss: the Switch loss of each sequence, averaged.
 
     Rows are laid out as a flattened ``[B, S]``: sequence b owns rows ``b*S .. b*S+S-1``.
     For a single sequence it equals :func:`switch_aux_loss`. Zero tokens give 0.
+    ``mask`` (bool [T], True = the token counts): each sequence's f and P over its kept
+    tokens, averaged over the sequences that have one.
     """
     _check_int("num_experts", num_experts)
     _check_int("seq_len", seq_len)
@@ -245,6 +277,9 @@ def sequence_aux_loss(
     if probs_TE.dim() != 2 or probs_TE.shape[-1] != num_experts:
         raise ValueError(f"probs must have shape [T, {num_experts}], got {tuple(probs_TE.shape)}")
     B, K = T // seq_len, indices_TK.shape[-1]
+    if mask is not None:
+        _check_mask(mask, T)
+        return num_experts * _masked_fractions(probs_TE, indices_TK, num_experts, mask.view(B, seq_len)).sum()
     idx_BN = indices_TK.reshape(B, seq_len * K)
     counts_BE = torch.zeros(B, num_experts, dtype=torch.float32, device=probs_TE.device)
     counts_BE.scatter_add_(1, idx_BN, torch.ones_like(idx_BN, dtype=torch.float32))
@@ -253,28 +288,57 @@ def sequence_aux_loss(
     return num_experts * _mean0((f_BE * P_BE).sum(dim=-1))
 
 
-def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
+def router_z_loss(logits_TE: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """ST-MoE router z-loss: ``mean_t logsumexp(logits_t)^2`` (fp32, finite for large logits;
-    0 for zero tokens)."""
+    0 for zero tokens). ``mask`` (bool [T]): the mean over the kept tokens only."""
     _check_logits(logits_TE)
-    return _mean0(torch.logsumexp(logits_TE.float(), dim=-1).square())
+    z_T = torch.logsumexp(logits_TE.float(), dim=-1).square()
+    if mask is None:
+        return _mean0(z_T)
+    _check_mask(mask, logits_TE.shape[0])
+    return torch.where(mask, z_T, 0.0).sum() / mask.sum().clamp(min=1)
 
 
-def loss_free_update(bias_E: torch.Tensor, load_E: torch.Tensor, rate: float) -> torch.Tensor:
-    """Loss-free balancing step: ``b + rate * sign(mean(load) - load)``.
+def loss_free_update(
+    bias_E: torch.Tensor,
+    load_E: torch.Tensor,
+    rate: float,
+    rule: str = "sign",
+    center: bool = False,
+    target_E: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Loss-free balancing step on the bias; returns a new tensor in ``bias``'s dtype.
 
-    The sign is decided in exact integer arithmetic when ``load`` holds integers
-    (``sign(sum(load) - E*load_i)``), so counts near 4e4 that differ by one are ordered
-    right. Returns a new tensor in ``bias``'s dtype.
+    - ``rule="sign"`` (Wang et al. 2024): ``b + rate * sign(mean(load) - load)``. The sign is
+      decided in exact integer arithmetic when ``load`` holds integers
+      (``sign(sum(load) - E*load_i)``), so counts near 4e4 that differ by one are ordered right.
+    - ``rule="proportional"`` (LongCat-Flash): ``b + rate * (mean(load) - load) / sum(load)``,
+      a step that shrinks as the loads even out (0 when nothing was counted).
+    - ``center=True`` (torchtitan): the step's mean is subtracted, so the bias mean stays
+      put; top-k selection is unchanged by a common shift, so routing is the same.
+    - ``target_E``: the load each expert should get (float [E], summing to ``sum(load)``)
+      instead of the mean, e.g. to aim at an expected number of real experts per token
+      when some experts are null experts.
     """
     if bias_E.shape != load_E.shape or bias_E.dim() != 1:
         raise ValueError(
             f"bias and load must both have shape [E], got {tuple(bias_E.shape)} and {tuple(load_E.shape)}"
         )
+    if rule not in ("sign", "proportional"):
+        raise ValueError(f"rule must be 'sign' or 'proportional', got {rule!r}")
+    if target_E is not None and target_E.shape != load_E.shape:
+        raise ValueError(f"target must have shape {tuple(load_E.shape)}, got {tuple(target_E.shape)}")
     E = load_E.shape[0]
-    if load_E.is_floating_point():
-        err_E = load_E.double().sum() - E * load_E.double()
+    if target_E is not None:
+        err_E = target_E.double() - load_E.double()
+    elif load_E.is_floating_point() or rule == "proportional":
+        err_E = (load_E.double().sum() - E * load_E.double()) / E
     else:
         err_E = load_E.long().sum() - E * load_E.long()
-    step_E = torch.sign(err_E).to(bias_E.dtype) * rate
-    return bias_E + step_E
+    if rule == "sign":
+        step_E = torch.sign(err_E).double() * rate
+    else:
+        step_E = rate * err_E.double() / load_E.double().sum().clamp(min=1)
+    if center:
+        step_E = step_E - step_E.mean()
+    return bias_E + step_E.to(bias_E.dtype)

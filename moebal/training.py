@@ -107,8 +107,8 @@ def register_bias_update_hook(optimizer: torch.optim.Optimizer, model: nn.Module
     routers with ``update="auto"`` already move their bias in every training forward, and
     a hook on top would hide that the policy is configured twice.
     """
-    routers = [m for m in model.modules() if isinstance(m, Router) and isinstance(m.balancer, LossFree)]
-    auto = [r for r in routers if r.balancer.update == "auto"]
+    routers = [m for m in model.modules() if isinstance(m, Router) and m.policy(LossFree) is not None]
+    auto = [r for r in routers if r.policy(LossFree).update == "auto"]
     if not routers or auto:
         raise ValueError(
             f"register_bias_update_hook needs LossFree(update='manual') routers; {type(model).__name__} has "

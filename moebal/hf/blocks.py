@@ -264,7 +264,8 @@ def from_hf_moe_block(
     sem = _semantics(block, family)
     if balancer == "auto":
         balancer = _default_balancer(family, block)
-    if sem.has_bias_E and not isinstance(balancer, LossFree):
+    loss_free = any(isinstance(p, LossFree) for p in (balancer if isinstance(balancer, (tuple, list)) else (balancer,)))
+    if sem.has_bias_E and not loss_free:
         raise ConversionError(
             f"{type(block).__name__} chooses experts with e_score_correction_bias; moebal keeps that bias only "
             f"in a router with a LossFree balancer, got {balancer!r}"
@@ -277,8 +278,8 @@ def from_hf_moe_block(
         num_shared_experts=1 if sem.shared_d_ff else 0, shared_d_ff=sem.shared_d_ff,
         shared_gate=sem.shared_gate, ffn_bias=sem.expert_bias, jitter_noise=sem.jitter,
     )
-    fresh = ["router.load_counts"] if isinstance(balancer, LossFree) else []
-    if isinstance(balancer, LossFree) and not sem.has_bias_E:
+    fresh = ["router.load_counts"] if loss_free else []
+    if loss_free and not sem.has_bias_E:
         fresh.append("router.expert_bias")
     translate(block, moe, _rules(family, sem), fresh=fresh, what=f"{type(block).__name__} -> moebal.MoE")
     ref = next(block.parameters())
@@ -304,7 +305,7 @@ def to_hf_moe_block(moe: MoE, block_cls: type, config) -> nn.Module:
     r = moe.router
     have = _Semantics(
         moe.d_model, moe.d_ff, moe.num_experts, moe.top_k, r.score, r.renormalize, r.scale,
-        isinstance(r.balancer, LossFree),
+        r.policy(LossFree) is not None,
         moe.shared.w_out.in_features if moe.shared is not None else None, moe.shared_gate is not None,
         moe.experts.b_in_EH is not None, sem.transposed,
         (r.num_groups, r.top_groups) if r.top_groups is not None and r.top_groups < r.num_groups else (1, None),
@@ -322,7 +323,7 @@ def to_hf_moe_block(moe: MoE, block_cls: type, config) -> nn.Module:
             "builds: " + ", ".join(f"{k}: layer {a!r}, block {b!r}" for k, (a, b) in diff.items())
         )
     rules = [_inverse(rule) for rule in _rules(family, sem)]
-    if isinstance(r.balancer, LossFree):
+    if r.policy(LossFree) is not None:
         rules.append(Rule(("router.load_counts",), (), _zero_counts))
     translate(moe, block, rules, what=f"moebal.MoE -> {block_cls.__name__}")
     ref = next(moe.parameters())

@@ -52,7 +52,7 @@ def set_balance_group(model: nn.Module, group=None) -> int:
     config = {"num_routers": len(routers)}
     for name, r in routers:
         config[f"{name or '<root>'}"] = (r.num_experts, r.top_k, r.score, repr(r.balancer))
-        if isinstance(r.balancer, LossFree):
+        if r.policy(LossFree) is not None:
             config[f"{name or '<root>'}.expert_bias"] = digest([r.expert_bias])
     check_same_config(config, group, "set_balance_group: the routers")
     for _, r in routers:
@@ -63,7 +63,7 @@ def set_balance_group(model: nn.Module, group=None) -> int:
 def _global_routers(model: nn.Module) -> list[Router]:
     return [
         m for m in model.modules()
-        if isinstance(m, Router) and isinstance(m.balancer, AuxLoss) and m.balancer.variant == "global_batch"
+        if isinstance(m, Router) and getattr(m.policy(AuxLoss), "variant", None) == "global_batch"
     ]
 
 
@@ -122,6 +122,6 @@ class GlobalBatchBalance:
                 E = r.num_experts
                 f_E = r.window_counts[:E].double() / r.window_counts[E].clamp(min=1).double()
                 P_E = p[:E] / p[E].clamp(min=1)
-                total += r.balancer.alpha * E * torch.dot(f_E, P_E).cpu()
+                total += r.policy(AuxLoss).alpha * E * torch.dot(f_E, P_E).cpu()
         self.loss = total.float()
         self.loads = [r.window_counts[: r.num_experts].clone() for r in self.routers]
