@@ -17,7 +17,9 @@ run and equals a stable sort of the pairs by expert:
 
 With a capacity C, expert e owns rows [e*C, (e+1)*C); pairs of rank >= C are dropped
 (row -1), so the earliest tokens are kept; unused rows stay -1 (padding).
-Expert ids outside [0, E) are neither counted nor given a row (row -1).
+Expert ids outside [0, E) (-1: a pair without an expert) are neither counted nor given a
+row (row -1). Dropless, the V valid pairs fill rows [0, V) and rows [V, N) stay padding;
+the last group's end is N all the same, so the group ends tile all R rows.
 """
 from __future__ import annotations
 
@@ -53,6 +55,7 @@ def _expert_offsets_kernel(
     starts_ptr,
     ends_ptr,
     NUM_BLOCKS,
+    N,
     E,
     CAPACITY,
     HAS_CAPACITY: tl.constexpr,
@@ -60,7 +63,8 @@ def _expert_offsets_kernel(
     BLOCK_E: tl.constexpr,
 ):
     # block_off[b, e] = sum_{b' < b} hist[b', e];  counts[e] = sum_b hist[b, e];
-    # starts[e] = sum_{e' < e} counts[e'] (dropless) or e*C;  kept = min(counts, C)
+    # starts[e] = sum_{e' < e} counts[e'] (dropless) or e*C;  kept = min(counts, C);
+    # ends = starts + counts (dropless; the last end is N) or starts + C
     e_idx = tl.arange(0, BLOCK_E)
     e_mask = e_idx < E
     carry = tl.zeros([BLOCK_E], dtype=tl.int32)
@@ -81,6 +85,7 @@ def _expert_offsets_kernel(
         kept = counts
         ends = tl.cumsum(counts, axis=0)
         starts = ends - counts
+        ends = tl.where(e_idx == E - 1, N, ends)  # rows of pairs without an expert: padding of the last group
     tl.store(counts_ptr + e_idx, counts, mask=e_mask)
     tl.store(kept_ptr + e_idx, kept, mask=e_mask)
     tl.store(starts_ptr + e_idx, starts, mask=e_mask)
@@ -151,7 +156,8 @@ def routing_metadata(
     """Group the routed pairs by expert (stable in token order), on the device.
 
     Args:
-        indices_TK: int32/int64 ``[T, K]`` expert id of each (token, slot), in ``[0, E)``.
+        indices_TK: int32/int64 ``[T, K]`` expert id of each (token, slot), in ``[0, E)``,
+            or -1 (any value outside: a pair without an expert, not counted, no row).
         num_experts: E (python int >= 1).
         capacity: C rows per expert (python int >= 0) or None for dropless; with C the
             earliest tokens of an overflowing expert are kept.
@@ -159,7 +165,8 @@ def routing_metadata(
         block_e: experts per scan chunk (power of two); default from the device.
 
     Returns:
-        ``RoutingMetadata`` with R = T*K rows dropless, E*C rows with a capacity.
+        ``RoutingMetadata`` with R = T*K rows dropless (padding after the valid pairs, in
+        the last group), E*C rows with a capacity.
     """
     if indices_TK.dim() != 2 or indices_TK.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"indices must be an int32/int64 [T, K] tensor, got {indices_TK.dtype} {tuple(indices_TK.shape)}")
@@ -196,7 +203,7 @@ def routing_metadata(
         _expert_histogram_kernel[(num_blocks,)](experts_N, hist_BE, N, E, BLOCK_N=block_n, BLOCK_E=block_e)
     e_all = next_pow2(E)
     _expert_offsets_kernel[(1,)](
-        hist_BE, block_off_BE, counts_E, kept_E, starts_E, group_ends_E, num_blocks, E, cap,
+        hist_BE, block_off_BE, counts_E, kept_E, starts_E, group_ends_E, num_blocks, N, E, cap,
         HAS_CAPACITY=has_cap, BLOCK_B=min(max(1, 4096 // e_all), next_pow2(num_blocks)), BLOCK_E=e_all,
     )
     if num_blocks > 0:

@@ -242,7 +242,8 @@ def dispatch_rows(x_TD: torch.Tensor, plan: DispatchPlan, backend: str = "auto")
 
 
 def combine_rows(ys_RD: torch.Tensor, plan: DispatchPlan, weights_TK: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """``y[t] = sum_k weights[t,k] * ys[row(t,k)]`` (fp32 accumulation; dropped pairs add 0)."""
+    """``y[t] = sum_k weights[t,k] * ys[row(t,k)]`` (fp32 accumulation; dropped pairs and pairs
+    without an expert, row -1, add 0 and get a zero weight gradient)."""
     _check_x(ys_RD, "ys")
     if ys_RD.shape[0] != plan.num_rows:
         raise ValueError(f"ys has {ys_RD.shape[0]} rows but the plan has {plan.num_rows}")
@@ -271,14 +272,18 @@ def dispatch(
 
     Args:
         x: ``[T, D]`` float tensor.
-        indices: int ``[T, K]`` expert ids in ``[0, num_experts)``.
+        indices: int ``[T, K]`` expert ids in ``[0, num_experts)``, or -1 for a pair without
+            an expert (a masked token, a null-expert pick): it gets no row, takes no
+            capacity seat and contributes zero in ``combine`` (see ``moebal.plan``).
         num_experts: E.
         capacity: integer rows per expert, or None for dropless. On overflow the earliest
-            tokens are kept (``drop_policy="position"``) or the lowest-weight pairs dropped
-            (``"weight"``, needs ``weights``); dropped pairs contribute zero in ``combine``.
+            tokens are kept (``drop_policy="position"``), the lowest-weight pairs dropped
+            (``"weight"``) or the pairs kept by slot, then by the token's largest weight
+            (``"priority"``, batch-priority routing); the last two need ``weights``.
+            Dropped pairs contribute zero in ``combine``.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
-        validate: check index range (one host sync); layers that produce their own
-            indices skip it.
+        validate: check index range (one host sync): values below -1 or at least
+            ``num_experts`` raise ``ValueError``; layers that produce their own indices skip it.
 
     Returns:
         ``(xs [R, D], plan)``; differentiable with respect to ``x``.
@@ -291,8 +296,11 @@ def dispatch(
         raise ValueError(f"indices has {indices.shape[0]} rows but x has {x.shape[0]}")
     if validate and indices.numel() > 0:
         lo, hi = int(indices.min()), int(indices.max())
-        if lo < 0 or hi >= num_experts:
-            raise ValueError(f"indices must lie in [0, {num_experts}), got values in [{lo}, {hi}]")
+        if lo < -1 or hi >= num_experts:
+            bad = lo if lo < -1 else hi
+            raise ValueError(
+                f"indices must lie in [0, {num_experts}) or be -1 (no expert), got {bad} (values span [{lo}, {hi}])"
+            )
     plan = build_plan(indices, num_experts, capacity, weights, drop_policy, backend=backend)
     return dispatch_rows(x, plan, backend), plan
 

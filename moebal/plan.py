@@ -8,6 +8,20 @@ groups are packed back to back and expert e's rows hold its tokens in token orde
 With a capacity C, expert e owns the fixed block ``[e*C, (e+1)*C)``; its first
 ``kept_E[e]`` rows hold the kept tokens and the rest are padding (zero rows whose outputs
 are never read). Everything is built with tensor ops: no host sync, static shapes.
+
+Pairs without an expert: an index of -1 (a masked token, a null-expert pick, a replayed
+"no expert"; any value outside [0, E) is treated the same, as only the public
+``dispatch`` checks ranges) is never dispatched. It is not counted in ``counts_E`` or
+``kept_E``, takes no capacity seat and gets no row (``row_of_pair_TK == -1``), so
+``combine`` adds nothing for it and no gradient flows through it. Shapes stay static:
+dropless R is still N, the V valid pairs fill rows ``[0, V)`` and the N - V rows after
+them are padding (``pair_of_row_R == token_of_row_R == -1``). Those tail rows belong to
+the last expert's group (``group_ends_E[E-1] = R`` always, while ``kept_E[E-1]`` counts
+only its real rows), so the groups tile all R rows as grouped GEMM offsets expect and the
+tail is handled like capacity padding: zero input rows, outputs never read, zero output
+gradients. ``has_drops`` tells the gathers to skip row -1; it is exact on the CPU and
+assumed (True) on other devices and under ``torch.compile``, where finding out would be a
+host sync.
 """
 from __future__ import annotations
 
@@ -19,7 +33,10 @@ from moebal.backend import resolve_backend
 
 __all__ = ["DispatchPlan", "build_plan", "DROP_POLICIES"]
 
-DROP_POLICIES = ("position", "weight")
+# "position": earliest tokens kept; "weight": highest-weight pairs kept; "priority":
+# V-MoE / LIMoE batch-priority routing (all slot-0 picks before slot-1 picks, then tokens
+# by their largest routing weight)
+DROP_POLICIES = ("position", "weight", "priority")
 
 
 @dataclass(frozen=True)
@@ -28,13 +45,14 @@ class DispatchPlan:
     top_k: int  # K
     num_experts: int  # E
     capacity: int | None  # C, rows per expert; None = dropless
-    counts_E: torch.Tensor  # int64 [E]  routed pairs per expert (before capacity)
+    counts_E: torch.Tensor  # int64 [E]  routed pairs per expert (before capacity; -1 pairs not counted)
     kept_E: torch.Tensor  # int64 [E]  pairs that got a row (= counts_E when dropless)
     starts_E: torch.Tensor  # int64 [E]  first row of each expert's group
-    group_ends_E: torch.Tensor  # int32 [E]  end row of each group (grouped_mm ``offs``)
-    row_of_pair_TK: torch.Tensor  # int64 [T, K]  row in xs of each pair, -1 = dropped
+    group_ends_E: torch.Tensor  # int32 [E]  end row of each group (grouped_mm ``offs``; last = R)
+    row_of_pair_TK: torch.Tensor  # int64 [T, K]  row in xs of each pair, -1 = dropped or no expert
     pair_of_row_R: torch.Tensor  # int64 [R]  flat pair id t*K+k of each row, -1 = padding
     token_of_row_R: torch.Tensor  # int64 [R]  source token of each row, -1 = padding
+    may_have_null_pairs: bool = False  # pairs with expert -1 may exist (exact on CPU, else assumed)
 
     @property
     def num_rows(self) -> int:
@@ -42,11 +60,11 @@ class DispatchPlan:
 
     @property
     def has_drops(self) -> bool:
-        """True when rows can be missing (capacity set); a static property, no sync."""
-        return self.capacity is not None
+        """True when pairs can lack a row (a capacity, or pairs without an expert); static, no sync."""
+        return self.capacity is not None or self.may_have_null_pairs
 
     def dropped_pairs(self) -> torch.Tensor:
-        """Number of (token, slot) pairs dropped by the capacity, as a 0-d int64 tensor."""
+        """Pairs dropped by the capacity as a 0-d int64 tensor (pairs without an expert are not counted)."""
         return (self.counts_E - self.kept_E).sum()
 
 
@@ -67,6 +85,41 @@ def _check_capacity(capacity) -> None:
             raise ValueError(f"capacity must be a positive int or None, got {capacity!r}")
 
 
+def _may_have_null_pairs(indices_TK: torch.Tensor, num_experts: int) -> bool:
+    """Whether some pair has no expert (an index outside [0, E)).
+
+    Read exactly for eager CPU tensors, where it costs no device sync; assumed True on other
+    devices and while compiling, so the gathers there always skip row -1.
+    """
+    if indices_TK.device.type != "cpu" or torch.compiler.is_compiling():
+        return True
+    return bool(((indices_TK < 0) | (indices_TK >= num_experts)).any())
+
+
+def _pair_order(group_N: torch.Tensor, weights_TK: torch.Tensor | None, drop_policy: str, K: int) -> torch.Tensor:
+    """Pair ids sorted by group, and inside each group in the order seats are handed out.
+
+    ``"position"``: token order. ``"weight"``: by the pair's weight, descending.
+    ``"priority"``: by slot, then by the token's largest weight over its K slots,
+    descending. Scores rank NaN last (below -inf); ties keep token order.
+    """
+    if drop_policy == "position" or K == 0:
+        # pairs are numbered token-major, so a stable sort keeps token order per group
+        return torch.sort(group_N, stable=True).indices
+    w_TK = weights_TK.detach()
+    if drop_policy == "weight":
+        score_N = w_TK.reshape(-1)
+    else:  # priority: slot first, so every top-1 pick outranks every top-2 pick
+        score_N = w_TK.max(dim=1).values.unsqueeze(1).expand(-1, K).reshape(-1)
+        slot_N = torch.arange(group_N.shape[0], device=group_N.device) % K
+        group_N = group_N * K + slot_N
+    nan_N = torch.isnan(score_N)
+    by_score_N = torch.sort(score_N.masked_fill(nan_N, 0.0), descending=True, stable=True).indices
+    # one stable sort by (group, is NaN) keeps the score order inside each group, finite scores first
+    key_N = (group_N * 2 + nan_N)[by_score_N]
+    return by_score_N[torch.sort(key_N, stable=True).indices]
+
+
 def build_plan(
     indices_TK: torch.Tensor,
     num_experts: int,
@@ -78,65 +131,67 @@ def build_plan(
     """Group the routed pairs by expert.
 
     Args:
-        indices_TK: int64/int32 ``[T, K]`` expert of each (token, slot); values in [0, E).
-            Out-of-range values are not checked here (that would need a host sync); the
-            public ``dispatch`` checks them.
+        indices_TK: int64/int32 ``[T, K]`` expert of each (token, slot): in [0, E), or -1
+            for a pair without an expert (never dispatched, see the module docstring).
+            Ranges are not checked here (that would need a host sync): values outside
+            [0, E) are all treated as -1. The public ``dispatch`` checks them.
         num_experts: E.
         capacity: rows per expert, or None (dropless).
-        weights_TK: routing weights, needed only for ``drop_policy="weight"``.
-        drop_policy: when an expert overflows its capacity, ``"position"`` keeps its
-            earliest tokens (by token index), ``"weight"`` drops its lowest-weight pairs
-            (ties: the later token is dropped; NaN weights rank below every number, -inf
-            included, so they are dropped first).
+        weights_TK: routing weights, needed only with a capacity and
+            ``drop_policy="weight"`` or ``"priority"``.
+        drop_policy: which pairs an overflowing expert keeps (dropless it changes nothing).
+            ``"position"``: its earliest tokens (by token index). ``"weight"``: its
+            highest-weight pairs (ties: the later token is dropped; NaN weights rank below
+            every number, -inf included, so they are dropped first). ``"priority"``
+            (V-MoE / LIMoE batch-priority routing): every slot-0 pair before any slot-1
+            pair, and within a slot the tokens by priority, their largest weight over the K
+            slots (``weights_TK.max(dim=1)``, -1 slots included; NaN ranks last), ties to
+            the lower token index.
         backend: ``"torch"`` (default), ``"auto"`` or ``"triton"``; when it resolves to
-            Triton and the drop policy is ``"position"``, the plan is built on the device
-            by ``moebal.triton_ops.triton_build_plan`` (same fields, bit for bit);
-            ``"weight"`` drops are always built with the torch ops below.
+            Triton and the plan is dropless or its drop policy is ``"position"``, the plan
+            is built on the device by ``moebal.triton_ops.triton_build_plan`` (same fields,
+            bit for bit); ``"weight"`` and ``"priority"`` drops are built by the torch ops below.
     """
     _check_indices(indices_TK, num_experts)
     if drop_policy not in DROP_POLICIES:
         raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {drop_policy!r}")
     _check_capacity(capacity)
-    if backend != "torch" and drop_policy == "position" and resolve_backend(backend, indices_TK.device) == "triton":
+    ranked = capacity is not None and drop_policy != "position"
+    if ranked and (not isinstance(weights_TK, torch.Tensor) or weights_TK.shape != indices_TK.shape):
+        raise ValueError(f"drop_policy={drop_policy!r} needs weights_TK with the shape of indices_TK")
+    if backend != "torch" and not ranked and resolve_backend(backend, indices_TK.device) == "triton":
         from moebal.triton_ops import triton_build_plan
 
         return triton_build_plan(indices_TK, num_experts, capacity)
     T, K = indices_TK.shape
     N, E, device = T * K, num_experts, indices_TK.device
     expert_N = indices_TK.reshape(-1).long()
+    # pairs without an expert go to a spare group E, sorted after every real group
+    group_N = torch.where((expert_N >= 0) & (expert_N < E), expert_N, E)
+    order_N = _pair_order(group_N, weights_TK, drop_policy if ranked else "position", K)
+    group_sorted_N = group_N[order_N]
 
-    if capacity is not None and drop_policy == "weight":
-        if weights_TK is None or weights_TK.shape != indices_TK.shape:
-            raise ValueError("drop_policy='weight' needs weights_TK with the shape of indices_TK")
-        # rank by weight, descending; NaN weights rank last (a NaN marks a broken token, never
-        # one to keep over a finite pair); ties keep token order, so the later token is dropped
-        w_N = weights_TK.detach().reshape(-1)
-        nan_N = torch.isnan(w_N)
-        by_weight_N = torch.sort(w_N.masked_fill(nan_N, 0.0), descending=True, stable=True).indices
-        # one stable sort by (expert, is NaN) groups each expert's pairs, finite ones first
-        key_N = (expert_N * 2 + nan_N)[by_weight_N]
-        order_N = by_weight_N[torch.sort(key_N, stable=True).indices]
-    else:
-        # pairs are numbered token-major, so a stable sort keeps token order per expert
-        order_N = torch.sort(expert_N, stable=True).indices
-    expert_sorted_N = expert_N[order_N]
-
-    counts_E = torch.zeros(E, dtype=torch.int64, device=device)
-    counts_E.scatter_add_(0, expert_N, torch.ones_like(expert_N))
-    ends_E = torch.cumsum(counts_E, 0)
-    first_E = ends_E - counts_E
+    counts_E1 = torch.zeros(E + 1, dtype=torch.int64, device=device)
+    counts_E1.scatter_add_(0, group_N, torch.ones_like(group_N))
+    ends_E1 = torch.cumsum(counts_E1, 0)
+    first_E1 = ends_E1 - counts_E1
+    counts_E = counts_E1[:E]
     arange_N = torch.arange(N, device=device)
 
     if capacity is None:
-        row_sorted_N = arange_N
-        kept_E, starts_E, group_ends_E = counts_E, first_E, ends_E
-        pair_of_row_R = order_N
-        token_of_row_R = order_N // K
+        # the valid pairs fill rows [0, V) in group order; rows [V, N) are padding that the
+        # last group owns, so the group ends tile all R = N rows
+        keep_N = group_sorted_N < E
+        row_sorted_N = torch.where(keep_N, arange_N, -1)
+        kept_E, starts_E = counts_E, first_E1[:E]
+        group_ends_E = ends_E1[:E].clone()
+        group_ends_E[E - 1] = N
+        pair_of_row_R = torch.where(keep_N, order_N, -1)
     else:
-        rank_N = arange_N - first_E[expert_sorted_N]
-        keep_N = rank_N < capacity
+        rank_N = arange_N - first_E1[group_sorted_N]
+        keep_N = (group_sorted_N < E) & (rank_N < capacity)
         R = E * capacity
-        row_sorted_N = torch.where(keep_N, expert_sorted_N * capacity + rank_N, -1)
+        row_sorted_N = torch.where(keep_N, group_sorted_N * capacity + rank_N, -1)
         kept_E = counts_E.clamp(max=capacity)
         starts_E = torch.arange(E, device=device) * capacity
         group_ends_E = starts_E + capacity
@@ -144,7 +199,7 @@ def build_plan(
         pair_of_row_R = torch.full((R + 1,), -1, dtype=torch.int64, device=device)
         pair_of_row_R.scatter_(0, torch.where(keep_N, row_sorted_N, R), order_N)
         pair_of_row_R = pair_of_row_R[:R]
-        token_of_row_R = torch.where(pair_of_row_R >= 0, pair_of_row_R // K, -1)
+    token_of_row_R = torch.where(pair_of_row_R >= 0, pair_of_row_R // max(K, 1), -1)
 
     row_of_pair_N = torch.empty(N, dtype=torch.int64, device=device)
     row_of_pair_N.scatter_(0, order_N, row_sorted_N)
@@ -160,4 +215,5 @@ def build_plan(
         row_of_pair_TK=row_of_pair_N.view(T, K),
         pair_of_row_R=pair_of_row_R,
         token_of_row_R=token_of_row_R,
+        may_have_null_pairs=_may_have_null_pairs(indices_TK, E),
     )

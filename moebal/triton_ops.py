@@ -7,8 +7,9 @@ H width of the first expert GEMM (2F for SwiGLU).
 Each autograd Function here has its pure-torch twin in ``moebal.dispatch``
 (``_TritonDispatch`` ~ ``_TorchDispatch``, ``_TritonCombine`` ~ ``_TorchCombine``) and
 ``triton_build_plan`` returns the same ``DispatchPlan`` as ``build_plan`` (dropless or
-position-based drops), bit for bit. The kernels are in ``moebal.kernels``; callers go
-through ``moebal.dispatch`` / ``build_plan(..., backend=...)``, which decide the backend.
+position-based drops, pairs without an expert included), bit for bit. The kernels are in
+``moebal.kernels``; callers go through ``moebal.dispatch`` / ``build_plan(..., backend=...)``,
+which decide the backend.
 
 ``triton_gather_grouped_mm`` is ``grouped_matmul(dispatch_rows(x, plan), w, plan)``
 (``moebal.experts``, ``moebal.dispatch``) in one kernel that reads the rows of ``x`` by
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from moebal.plan import DispatchPlan, _check_capacity, _check_indices
+from moebal.plan import DispatchPlan, _check_capacity, _check_indices, _may_have_null_pairs
 
 __all__ = ["triton_build_plan", "triton_dispatch", "triton_combine", "triton_gather_grouped_mm"]
 
@@ -66,11 +67,13 @@ def triton_build_plan(indices_TK: torch.Tensor, num_experts: int, capacity: int 
 
     Deterministic and sync-free (per-block histograms and prefix sums, no atomics);
     equal to the torch plan field by field. Drops are position-based (earliest tokens
-    kept); ``drop_policy="weight"`` is built by ``build_plan``'s torch path.
+    kept); ``drop_policy="weight"`` / ``"priority"`` drops are built by ``build_plan``'s
+    torch path.
 
     Args:
-        indices_TK: int32/int64 ``[T, K]`` expert ids in ``[0, num_experts)`` on a CUDA
-            device (or the CPU under ``TRITON_INTERPRET=1``).
+        indices_TK: int32/int64 ``[T, K]`` expert ids in ``[0, num_experts)``, or -1 for a
+            pair without an expert (no row, not counted), on a CUDA device (or the CPU
+            under ``TRITON_INTERPRET=1``).
         num_experts: E.
         capacity: rows per expert (int >= 1) or None for dropless.
     """
@@ -90,6 +93,7 @@ def triton_build_plan(indices_TK: torch.Tensor, num_experts: int, capacity: int 
         row_of_pair_TK=meta.row_of_pair_TK,
         pair_of_row_R=meta.pair_of_row_R,
         token_of_row_R=meta.token_of_row_R,
+        may_have_null_pairs=_may_have_null_pairs(indices_TK, num_experts),
     )
 
 
