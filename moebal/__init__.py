@@ -2,6 +2,7 @@
 from moebal import functional, parallel, stats, testing
 from moebal.layer import MoE
 from moebal.plan import DispatchPlan
+from moebal.replay import RoutingRecord, record_routing, replay_routing
 from moebal.router import AuxLoss, LinearAssignment, LossFree, Router, Routing, update_biases
 from moebal.stats import BalanceStats
 from moebal.hf import swap_ffn  # transformers itself is imported lazily, only when used
@@ -17,6 +18,9 @@ __all__ = [
     "LossFree",
     "LinearAssignment",
     "update_biases",
+    "record_routing",
+    "replay_routing",
+    "RoutingRecord",
     "swap_ffn",
     "aux_loss",
     "balance_report",

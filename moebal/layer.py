@@ -20,6 +20,8 @@ from moebal.stats import BalanceStats
 
 __all__ = ["MoE", "DenseFFN"]
 
+_ZERO = torch.zeros((), dtype=torch.int64)
+
 
 class DenseFFN(nn.Module):
     """A dense FFN with the experts' activation (used for shared experts and baselines)."""
@@ -68,6 +70,11 @@ class MoE(nn.Module):
             by noise ``U(1 - eps, 1 + eps)`` drawn as ``torch.empty_like(x).uniform_``
             (the same draws as a Mixtral block under the same seed), and the router and
             the experts both see the noisy input. 0 = off; never applied at eval.
+        num_null_experts: Z null experts (AdaMoE, MoE++, LongCat-Flash): the router chooses
+            K of E + Z, so a token gets a variable number of real experts at fixed K. A
+            null pick is never dispatched. None: the router's own (0 for a named router).
+        null_expert: what a null pick contributes: ``"zero"`` (nothing) or ``"identity"``
+            (``w * x``, its routing weight times the token).
         device, dtype: factory kwargs for every parameter, as ``nn.Linear`` takes them
             (the loss-free bias stays fp32 and the counters int64 whatever ``dtype``).
             ``device="meta"``, then ``to_empty(device=...)`` and ``reset_parameters()``,
@@ -109,6 +116,8 @@ class MoE(nn.Module):
         shared_gate: bool = False,
         ffn_bias: bool = False,
         jitter_noise: float = 0.0,
+        num_null_experts: int | None = None,
+        null_expert: str = "zero",
         device=None,
         dtype=None,
     ):
@@ -138,7 +147,11 @@ class MoE(nn.Module):
             raise ValueError(f"jitter_noise must be a number in [0, 1), got {jitter_noise!r}")
         self.jitter_noise = float(jitter_noise)
         factory = dict(device=device, dtype=dtype)
-        self.router = make_router(router, d_model, num_experts, top_k, **factory)
+        if null_expert not in ("zero", "identity"):
+            raise ValueError(f"null_expert must be 'zero' or 'identity', got {null_expert!r}")
+        self.null_expert = null_expert
+        self.router = make_router(router, d_model, num_experts, top_k, num_null_experts=num_null_experts, **factory)
+        self.token_source = None  # an object with tokens(shape) -> (mask, ids), set by moebal.hf
         self.experts = GroupedExperts(d_model, d_ff, num_experts, activation, bias=ffn_bias, **factory)
         shared_hidden = shared_d_ff if shared_d_ff is not None else num_shared_experts * d_ff
         self.shared = DenseFFN(d_model, shared_hidden, activation, **factory) if num_shared_experts else None
@@ -163,6 +176,8 @@ class MoE(nn.Module):
         return state
 
     def __setstate__(self, state):
+        for name, default in (("token_source", None), ("null_expert", "zero"), ("jitter_noise", 0.0)):
+            state.setdefault(name, default)  # a module pickled before these existed
         if "capacity_factor" in state:  # a module pickled before the factor was kept as a ratio
             factor = state.pop("capacity_factor")
             state["_capacity_ratio"] = None if factor is None else float(factor).as_integer_ratio()
@@ -194,26 +209,57 @@ class MoE(nn.Module):
         # sympy, which folds c*T*K into (c*K)*T; with T*K grouped it rounds as eager does
         return max(1, min(num_tokens, math.ceil(self.capacity_factor * (num_tokens * self.top_k) / self.num_experts)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        token_mask: torch.Tensor | None = None,
+        token_ids: torch.Tensor | None = None,
+        token_groups: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``x [..., D] -> y [..., D]``.
+
+        ``token_mask`` (bool, ``x.shape[:-1]``, True = a real token): masked tokens are not
+        dispatched, their output is zero, and they count nowhere (loads, losses, bias
+        updates, assignment, stats). ``token_ids`` (int, ``x.shape[:-1]``) feed hash
+        routing; ``token_groups`` (int, ``x.shape[:-1]``) name each token's group for
+        per-group losses. Without ``token_mask`` and ``token_ids``, a layer inside a
+        swapped or converted HF model takes both from the model's own inputs
+        (``token_source``, see :mod:`moebal.hf.tokens`).
+        """
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
         if x.dim() < 1 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must have shape [..., {self.d_model}], got {tuple(x.shape)}")
+        if token_mask is None and token_ids is None and self.token_source is not None:
+            token_mask, token_ids = self.token_source.tokens(x.shape[:-1])
+        for name, t in (("token_mask", token_mask), ("token_ids", token_ids), ("token_groups", token_groups)):
+            if t is not None and (not isinstance(t, torch.Tensor) or t.shape != x.shape[:-1]):
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{name} must have the shape of x without its last dim {tuple(x.shape[:-1])}, got {got}")
+        if token_mask is not None and token_mask.dtype != torch.bool:
+            raise TypeError(f"token_mask must be a bool tensor (True = a real token; use mask.bool()), got {token_mask.dtype}")
         if self.training and self.jitter_noise > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         shape = x.shape
         x_TD = x.reshape(-1, self.d_model)
         seq_len = shape[-2] if x.dim() >= 3 else None
-        routing = self.router(x_TD, seq_len=seq_len)
+        flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
+        routing = self.router(
+            x_TD, seq_len=seq_len, token_mask=flat(token_mask), token_ids=flat(token_ids), token_groups=flat(token_groups)
+        )
         device_type = x_TD.device.type
         if torch.is_autocast_enabled(device_type) and x_TD.dtype != torch.float64:
             # as nn.Linear under autocast: the GEMMs' operands in the autocast dtype (the experts
             # cast their weights to the rows' dtype), fp32 master weights get fp32 gradients
             x_TD = x_TD.to(torch.get_autocast_dtype(device_type))
+        indices_TK, null_TK = routing.indices, None
+        if self.router.num_null_experts:  # a null pick is never dispatched
+            null_TK = indices_TK >= self.num_experts
+            indices_TK = torch.where(null_TK, -1, indices_TK)
         plan = build_plan(
-            routing.indices, self.num_experts, self.capacity(x_TD.shape[0]), routing.weights, self.drop_policy,
+            indices_TK, self.num_experts, self.capacity(x_TD.shape[0]), routing.weights, self.drop_policy,
             backend=self.backend,
         )
         if self.experts.path == "fused_gather":
@@ -230,17 +276,24 @@ class MoE(nn.Module):
             with torch.autocast(device_type, enabled=False):  # x_TD already has the compute dtype
                 ys_RD = self.experts(xs_RD, plan)
         y_TD = combine_rows(ys_RD, plan, routing.weights, self.backend)
+        if null_TK is not None and self.null_expert == "identity":
+            w_T1 = torch.where(null_TK, routing.weights, 0.0).sum(dim=-1, keepdim=True)
+            y_TD = y_TD + (w_T1 * x_TD.float()).to(y_TD.dtype)
         if self.shared is not None:
             shared_TD = self.shared(x_TD)
             if self.shared_gate is not None:
                 shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
             y_TD = y_TD + shared_TD
+        if token_mask is not None:  # a padding token's output is zero, whatever the shared experts say
+            y_TD = torch.where(token_mask.reshape(-1, 1), y_TD, 0.0)
         if routing.replayed:  # a non-reentrant checkpoint's recompute: the first pass already logged
             return y_TD.view(shape[:-1] + (self.d_model,))
         self.aux_loss = routing.aux_loss
         self.last_stats = BalanceStats(
             load=plan.counts_E, kept=plan.kept_E, num_tokens=x_TD.shape[0], top_k=self.top_k,
             nonfinite_tokens=routing.nonfinite_tokens,
+            masked_tokens=(~token_mask).sum() if token_mask is not None else _ZERO,
+            null_pairs=null_TK.sum() if null_TK is not None else _ZERO,
         )
         return y_TD.view(shape[:-1] + (self.d_model,))
 
@@ -248,4 +301,6 @@ class MoE(nn.Module):
         return (
             f"d_model={self.d_model}, d_ff={self.d_ff}, num_experts={self.num_experts}, top_k={self.top_k}, "
             f"capacity_factor={self.capacity_factor}, backend={self.backend!r}"
+            + (f", num_null_experts={self.router.num_null_experts}, null_expert={self.null_expert!r}"
+               if self.router.num_null_experts else "")
         )

@@ -302,11 +302,15 @@ class Router(nn.Module):
                     "moebal.Router: a non-reentrant checkpoint recomputed this router, but its first pass left no "
                     "selection to replay (was the first pass run in eval mode or under no_grad?)"
                 )
-        forced = self._route_hook.indices_for(self, T) if self._route_hook is not None else None
-        # a training step moves state; a no-grad forward, a replayed recompute and (unless
+        forced = None  # experts given from outside: moebal.replay_routing, or its checkpoint recompute
+        if replay is not None:
+            forced = replay.indices_TK if replay.state.get("forced") else None
+        elif self._route_hook is not None:
+            forced = self._route_hook.indices_for(self, T)
+        # a training step moves state; a no-grad forward, a checkpoint's recompute and (unless
         # asked) a replayed routing do not
         commits = self.training and torch.is_grad_enabled() and replay is None
-        if forced is not None and not self._route_hook.update_state:
+        if forced is not None and replay is None and not self._route_hook.update_state:
             commits = False
         ctx = RouteContext(self, logits_TE, None, finite_T, token_mask, seq_len, token_ids, token_groups,
                            self.training, commits, replay)
@@ -319,6 +323,7 @@ class Router(nn.Module):
         # they save by order): only what the selection depended on is swapped for the record
         if forced is not None:
             weights_TK, indices_TK = _forced_weights(ctx, forced), forced
+            ctx.remember("forced", True)
         elif selector is not None:
             weights_TK, indices_TK = selector.select(ctx)
         else:
@@ -400,17 +405,25 @@ def _forced_weights(ctx: RouteContext, indices_TK: torch.Tensor) -> torch.Tensor
     return torch.where(valid_TK.all(-1, keepdim=True), chosen_TK, partial_TK)
 
 
-def make_router(spec, d_model: int, num_experts: int, top_k: int, device=None, dtype=None) -> Router:
+def make_router(
+    spec, d_model: int, num_experts: int, top_k: int, device=None, dtype=None, num_null_experts: int | None = None
+) -> Router:
     """Build a router from ``"aux_loss"``, ``"loss_free"``, ``"base"`` or pass a Router through
-    (``device``/``dtype`` are factory kwargs for a router built here)."""
+    (``device``/``dtype`` are factory kwargs for a router built here; ``num_null_experts``
+    None takes a given router's own, 0 for a named one)."""
     if isinstance(spec, Router):
         if (spec.d_model, spec.num_experts, spec.top_k) != (d_model, num_experts, top_k):
             raise ValueError(
                 f"router was built for (d_model, num_experts, top_k)={(spec.d_model, spec.num_experts, spec.top_k)}, "
                 f"the layer has {(d_model, num_experts, top_k)}"
             )
+        if num_null_experts is not None and num_null_experts != spec.num_null_experts:
+            raise ValueError(
+                f"num_null_experts={num_null_experts} but the router was built with "
+                f"num_null_experts={spec.num_null_experts}"
+            )
         return spec
-    factory = dict(device=device, dtype=dtype)
+    factory = dict(device=device, dtype=dtype, num_null_experts=num_null_experts or 0)
     if spec == "aux_loss":
         return Router(d_model, num_experts, top_k, score="softmax", balancer=AuxLoss(), **factory)
     if spec == "loss_free":

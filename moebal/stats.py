@@ -27,12 +27,12 @@ __all__ = [
 
 
 def expert_load(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """int64 ``[E]`` count of routed (token, slot) pairs per expert."""
+    """int64 ``[E]`` count of routed (token, slot) pairs per expert; -1 (no expert) is skipped."""
     if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
         raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
     flat = indices.reshape(-1).long()
     load = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
-    return load.scatter_add_(0, flat, torch.ones_like(flat))
+    return load.scatter_add_(0, flat.clamp(min=0), (flat >= 0).long())
 
 
 def _as_load(load: torch.Tensor) -> torch.Tensor:
@@ -95,6 +95,14 @@ class BalanceStats:
     num_tokens: int
     top_k: int
     nonfinite_tokens: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+    masked_tokens: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))  # token_mask False
+    null_pairs: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))  # picks of null experts
+
+    @property
+    def null_fraction(self) -> torch.Tensor:
+        """Share of the real tokens' K picks that went to null experts (0 without any)."""
+        picks = (self.num_tokens - self.masked_tokens) * self.top_k
+        return self.null_pairs.double() / torch.as_tensor(picks).double().clamp(min=1)
 
     @property
     def max_violation(self) -> torch.Tensor:
@@ -120,6 +128,8 @@ class BalanceStats:
             "entropy": float(self.entropy),
             "dropped_fraction": float(self.dropped_fraction),
             "nonfinite_tokens": int(self.nonfinite_tokens),
+            "masked_tokens": int(self.masked_tokens),
+            "null_fraction": float(self.null_fraction),
             "num_tokens": self.num_tokens,
             "load": self.load.tolist(),
         }

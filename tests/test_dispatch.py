@@ -214,7 +214,7 @@ def test_dispatch_bad_inputs():
     with pytest.raises(ValueError, match="indices must lie"):
         dispatch(x, torch.tensor([[0], [1], [5], [2]]), 4)
     with pytest.raises(ValueError, match="indices must lie"):
-        dispatch(x, torch.tensor([[0], [-1], [1], [2]]), 4)
+        dispatch(x, torch.tensor([[0], [-2], [1], [2]]), 4)
     with pytest.raises(TypeError, match="indices"):
         dispatch(x, torch.zeros(4, 1), 4)
     with pytest.raises(TypeError, match="x must be a floating-point"):
