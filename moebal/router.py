@@ -306,7 +306,8 @@ class Router(nn.Module):
         if replay is not None:
             forced = replay.indices_TK if replay.state.get("forced") else None
         elif self._route_hook is not None:
-            forced = self._route_hook.indices_for(self, T)
+            recompute = eager_training and in_backward()  # a reentrant checkpoint's recompute
+            forced = self._route_hook.indices_for(self, T, logits_TE, recompute)
         # a training step moves state; a no-grad forward, a checkpoint's recompute and (unless
         # asked) a replayed routing do not
         commits = self.training and torch.is_grad_enabled() and replay is None
@@ -355,7 +356,7 @@ class Router(nn.Module):
         if commits:
             for policy in self.policies:
                 policy.commit(ctx)
-        if self._route_hook is not None and replay is None:
+        if self._route_hook is not None and replay is None and not (eager_training and in_backward()):
             self._route_hook.seen(self, indices_TK)
         return Routing(indices_TK, weights_TK, ctx.scores_TE, aux, nonfinite, replayed=replay is not None)
 
