@@ -54,15 +54,16 @@ def _batches(world: int, tokens, seed: int):
 # Each check runs on every rank; it returns nothing and raises AssertionError on failure.
 
 
-def _ep_equals_single_process(rank, world, **moe_kwargs):
+def _ep_equals_single_process(rank, world, masked=False, **moe_kwargs):
     """EP forward/backward on rank r's batch == the full layer on every rank's batch."""
+    mask = (torch.arange(12) % 3 != 0) if masked else None  # padding: pairs with no expert
     torch.manual_seed(0)
     ref = moebal.MoE(D, F, E, K, **moe_kwargs)
     ep = expert_parallel(copy.deepcopy(ref))
     xs, gs = _batches(world, 12, seed=1), _batches(world, 12, seed=2)
 
     x = xs[rank].clone().requires_grad_(True)
-    y = ep(x)
+    y = ep(x, token_mask=mask)
     ((y * gs[rank]).sum() + ep.aux_loss).backward()
     x_grad = x.grad.clone()
     sync_gradients(ep)  # DP mean over ranks; expert shards hold the sum over ranks' tokens / W
@@ -70,7 +71,7 @@ def _ep_equals_single_process(rank, world, **moe_kwargs):
     ref_x = [xr.clone().requires_grad_(True) for xr in xs]
     total = 0
     for r in range(world):
-        yr = ref(ref_x[r])
+        yr = ref(ref_x[r], token_mask=mask)
         total = total + (yr * gs[r]).sum() + ref.aux_loss
         if r == rank:
             y_ref = yr.detach()
@@ -88,6 +89,11 @@ def _ep_equals_single_process(rank, world, **moe_kwargs):
 
 def check_ep_dropless(rank, world):
     _ep_equals_single_process(rank, world, router="aux_loss", num_shared_experts=1, shared_gate=True)
+
+
+def check_ep_dropless_masked_with_null_experts(rank, world):
+    # masked tokens and null picks leave pairs with no expert: never sent to another rank
+    _ep_equals_single_process(rank, world, masked=True, router="aux_loss", num_null_experts=2)
 
 
 def check_ep_capacity(rank, world):

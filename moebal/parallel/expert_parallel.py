@@ -109,14 +109,18 @@ class ExpertParallel(GroupedExperts):
                 f"the plan routes to {plan.num_experts} experts, this layer shards {self.num_global_experts}"
             )
         recv_splits, send_splits, local_M, local_capacity = self._layout(plan)
-        xr_MD = all_to_all(xs_RD, recv_splits, send_splits, self.group)
+        # dropless, pairs with no expert (masked tokens, null picks) leave a padding tail
+        # after the V routed rows: it is never sent, and comes back as zero rows
+        R, V = xs_RD.shape[0], sum(send_splits)
+        xr_MD = all_to_all(xs_RD[:V], recv_splits, send_splits, self.group)
         # received rows come grouped by source rank; regroup them by local expert (a
         # permutation: no drops, as every local expert has room for all its rows)
         local = build_plan(local_M.unsqueeze(1), self.num_experts, local_capacity)
         xl_MD = xr_MD.index_select(0, local.pair_of_row_R)
         yl_MD = super().forward(xl_MD, local)
         yr_MD = yl_MD.index_select(0, local.row_of_pair_TK.view(-1))
-        return all_to_all(yr_MD, send_splits, recv_splits, self.group)
+        ys_VD = all_to_all(yr_MD, send_splits, recv_splits, self.group)
+        return ys_VD if V == R else torch.cat([ys_VD, ys_VD.new_zeros(R - V, ys_VD.shape[1])])
 
     def extra_repr(self) -> str:
         return (
