@@ -3,6 +3,7 @@ from moebal import functional, parallel, stats, testing
 from moebal.layer import MoE
 from moebal.plan import DispatchPlan
 from moebal.replay import RoutingRecord, record_routing, replay_routing
+from moebal.policies import EntropyLoss, ImportanceLoss, LoadLoss, Policy
 from moebal.router import AuxLoss, LinearAssignment, LossFree, Router, Routing, update_biases
 from moebal.stats import BalanceStats
 from moebal.hf import swap_ffn  # transformers itself is imported lazily, only when used
@@ -17,6 +18,10 @@ __all__ = [
     "AuxLoss",
     "LossFree",
     "LinearAssignment",
+    "EntropyLoss",
+    "ImportanceLoss",
+    "LoadLoss",
+    "Policy",
     "update_biases",
     "record_routing",
     "replay_routing",

@@ -1,7 +1,11 @@
 """Balancing policies: small frozen configurations a ``moebal.Router`` runs (see ``base``)."""
 from moebal.policies.aux_loss import AuxLoss
 from moebal.policies.base import Policy, RouteContext
+from moebal.policies.entropy_loss import EntropyLoss
+from moebal.policies.importance import ImportanceLoss, LoadLoss
 from moebal.policies.linear_assignment import LinearAssignment
 from moebal.policies.loss_free import LossFree
 
-__all__ = ["Policy", "RouteContext", "AuxLoss", "LossFree", "LinearAssignment"]
+__all__ = [
+    "Policy", "RouteContext", "AuxLoss", "LossFree", "LinearAssignment", "EntropyLoss", "ImportanceLoss", "LoadLoss",
+]
