@@ -3,7 +3,7 @@ from moebal import functional, parallel, stats, testing
 from moebal.layer import MoE
 from moebal.plan import DispatchPlan
 from moebal.replay import RoutingRecord, record_routing, replay_routing
-from moebal.policies import EntropyLoss, ImportanceLoss, LoadLoss, Policy
+from moebal.policies import EntropyLoss, HashRouting, ImportanceLoss, LoadLoss, Policy
 from moebal.router import AuxLoss, LinearAssignment, LossFree, Router, Routing, update_biases
 from moebal.stats import BalanceStats
 from moebal.hf import swap_ffn  # transformers itself is imported lazily, only when used
@@ -21,6 +21,7 @@ __all__ = [
     "EntropyLoss",
     "ImportanceLoss",
     "LoadLoss",
+    "HashRouting",
     "Policy",
     "update_biases",
     "record_routing",

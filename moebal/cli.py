@@ -293,6 +293,12 @@ def _run_info(args, parser) -> int:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key.ljust(width)}  {value}")
+    from moebal.compare.policies import POLICY_NAMES
+
+    print("balancing policies (moebal compare --policies NAME,...):")
+    name_width = max(len(n) for n in POLICY_NAMES)
+    for name, what in POLICY_NAMES.items():
+        print(f"  {name.ljust(name_width)}  {what}")
     if problem:
         print(f"moebal info: warning: {problem}", file=sys.stderr)
     return 0

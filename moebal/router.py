@@ -168,18 +168,20 @@ class Router(nn.Module):
         # the policies set their state up afresh; state a new policy shares with the old ones
         # (a loss-free bias and its counts, say) keeps its values
         policies = _as_policies(value)
-        old_bias, old_local = self._buffers.pop("expert_bias", None), dict(self._local)
+        old = {name: self._buffers.pop(name) for name in self.__dict__.get("_policy_buffers", ())}
+        old.update(self._local)
         self.__dict__.pop("expert_bias", None)
         self._local.clear()
+        before = set(self._buffers)
         for policy in policies:
             policy.setup(self)
+        self._policy_buffers = tuple(n for n in self._buffers if n not in before)
         if "expert_bias" not in self._buffers:
             self.expert_bias = None
-        elif old_bias is not None and old_bias.shape == self.expert_bias.shape:
-            self._buffers["expert_bias"] = old_bias
-        for name, t in old_local.items():
-            if name in self._local and self._local[name].shape == t.shape:
-                self._local[name] = t
+        for name, t in old.items():
+            store = self._buffers if name in self._policy_buffers else self._local if name in self._local else None
+            if store is not None and store[name].shape == t.shape and store[name].dtype == t.dtype:
+                store[name] = t
         self._balancer, self.policies = value, policies
 
     def policy(self, kind: type):

@@ -152,3 +152,39 @@ def test_compare_end_to_end(corpus, tmp_path):
     table = format_table(saved)
     assert all(name in table for name in DEFAULT_POLICIES) and "MaxVio_global" in table
     assert format_markdown_table(saved).count("\n") == len(DEFAULT_POLICIES) + 1
+
+
+def test_router_v2_policy_names():
+    cases = {
+        "loss-free-prop": ("loss_free_prop", 1.0), "loss-free-prop-0.5": ("loss_free_prop", 0.5),
+        "loss-free-center": ("loss_free_center", 1e-3), "loss-free+seq": ("loss_free_seq", None),
+        "limoe": ("limoe", None), "vmoe": ("vmoe", None), "hash": ("hash", 1.0), "hash-4gram": ("hash", 4.0),
+        "null-4": ("null", 4.0),
+    }
+    for name, (kind, coefficient) in cases.items():
+        p = parse_policy(name)
+        assert (p.kind, p.coefficient) == (kind, coefficient), name
+    r = parse_policy("loss-free+seq").make_router(8, 4, 2)
+    assert [type(b).__name__ for b in r.balancer] == ["LossFree", "AuxLoss"] and r.balancer[1].variant == "sequence"
+    assert parse_policy("loss-free-prop").make_router(8, 4, 2).balancer.rule == "proportional"
+    assert parse_policy("null-3").make_router(8, 4, 2).num_null_experts == 3
+    with pytest.raises(ValueError, match="training tokens"):
+        parse_policy("hash-2gram").make_router(8, 4, 2)
+    for bad in ("hash-0gram", "hash-xgram", "null-0", "null-", "loss-free-prop-x"):
+        with pytest.raises(ValueError, match="policy"):
+            parse_policy(bad)
+
+
+def test_router_v2_policies_train_end_to_end(corpus, tmp_path):
+    names = "loss-free-prop,loss-free+seq,limoe,vmoe,hash-4gram,null-2"
+    results = run_compare(TINY, parse_policies(names), corpus)
+    saved = json.loads(write_all(results, tmp_path)["json"].read_text())
+    by_name = {p["name"]: p for p in saved["policies"]}
+    assert list(by_name) == names.split(",")
+    for p in saved["policies"]:
+        for key in ("val_bpb", "maxvio_global", "maxvio_batch", "tokens_per_s"):
+            assert math.isfinite(p[key]) and p[key] >= 0, (p["name"], key)
+        assert 2.0 < p["val_bpb"] < 9.0, p["name"]
+    # null picks are not expert load: the real experts get fewer than T*K pairs
+    assert all(sum(layer) < by_name["null-2"]["val_tokens"] * TINY_MODEL.top_k for layer in by_name["null-2"]["val_load"])
+    assert all(sum(layer) == by_name["hash-4gram"]["val_tokens"] * TINY_MODEL.top_k for layer in by_name["hash-4gram"]["val_load"])

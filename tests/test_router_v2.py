@@ -72,6 +72,10 @@ def test_setting_balancer_keeps_shared_state_and_drops_the_rest():
     assert r.expert_bias.tolist() == [0.5] * 4
     r.balancer = moebal.AuxLoss()
     assert r.expert_bias is None and "expert_bias" not in r.state_dict()
+    r.balancer = moebal.HashRouting("round_robin", num_buckets=10)
+    assert r.state_dict()["hash_table"].shape == (10, 2)
+    r.balancer = None
+    assert "hash_table" not in r.state_dict() and not hasattr(r, "hash_table")
 
 
 # --- loss-free variants ---------------------------------------------------------------------

@@ -90,9 +90,9 @@ class Block(nn.Module):
             capacity_factor=cfg.capacity_factor,
         )
 
-    def forward(self, x_BSD, cos_SF, sin_SF):
+    def forward(self, x_BSD, cos_SF, sin_SF, tokens_BS=None):
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SF, sin_SF)
-        return x_BSD + self.moe(self.ffn_norm(x_BSD))
+        return x_BSD + self.moe(self.ffn_norm(x_BSD), token_ids=tokens_BS)  # the ids feed hash routing
 
 
 class MoELM(nn.Module):
@@ -120,7 +120,7 @@ class MoELM(nn.Module):
         cos_SF, sin_SF = self.rope_cos[:S], self.rope_sin[:S]
         x_BSD = self.embed(tokens_BS)
         for block in self.blocks:
-            x_BSD = block(x_BSD, cos_SF, sin_SF)
+            x_BSD = block(x_BSD, cos_SF, sin_SF, tokens_BS)
         return F.linear(self.norm(x_BSD), self.embed.weight)
 
     def aux_loss(self) -> torch.Tensor:

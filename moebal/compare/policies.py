@@ -1,10 +1,21 @@
 """Balancing policies that ``moebal compare`` can train, by name.
 
-Names:
+Names (``POLICY_NAMES`` lists them with one line each, as ``moebal info`` prints them):
 - ``aux-<alpha>``: softmax router + Switch auxiliary loss with coefficient alpha
   (``aux-1e-2``, ``aux-1e-3``).
-- ``loss-free`` or ``loss-free-<rate>``: sigmoid router + loss-free bias, update rate
-  ``u`` (default 1e-3, as in Wang et al. 2024).
+- ``loss-free`` or ``loss-free-<rate>``: sigmoid router + loss-free bias, sign step of
+  size u (default 1e-3, as in Wang et al. 2024).
+- ``loss-free-prop`` or ``loss-free-prop-<rate>``: the proportional step (LongCat-Flash),
+  ``u * (mean(c) - c) / sum(c)``, default u = 1.
+- ``loss-free-center``: the sign step, centred (torchtitan).
+- ``loss-free+seq``: DeepSeek-V3's recipe, loss-free bias (1e-3) plus the sequence-wise
+  aux loss (alpha 1e-4).
+- ``limoe``: LIMoE's local and global entropy losses (thresholded) on top of V-MoE's
+  importance loss.
+- ``vmoe``: V-MoE's importance loss and noisy-top-k load loss.
+- ``hash`` or ``hash-<n>gram``: Hash Layers, a balanced table fitted on the training
+  split's (n-gram) bucket counts, unit weights, no router GEMM.
+- ``null-<Z>``: Z zero null experts beside the real ones, Switch aux loss 1e-2 over all.
 - ``base``: softmax router + BASE balanced assignment in training, greedy top-k at eval.
 - ``none``: softmax router, no balancing at all (a reference point, not in the default set).
 """
@@ -13,34 +24,84 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 import moebal
 
-__all__ = ["Policy", "parse_policy", "parse_policies", "DEFAULT_POLICIES"]
+__all__ = ["Policy", "parse_policy", "parse_policies", "DEFAULT_POLICIES", "POLICY_NAMES"]
 
 DEFAULT_POLICIES = ("aux-1e-2", "aux-1e-3", "loss-free", "base")
-NAMES_HELP = "aux-<alpha> (e.g. aux-1e-2), loss-free[-<rate>] (default rate 1e-3), base, none"
+POLICY_NAMES = {
+    "aux-<alpha>": "softmax + Switch aux loss (aux-1e-2, aux-1e-3)",
+    "loss-free[-<rate>]": "sigmoid + loss-free bias, sign step (default rate 1e-3)",
+    "loss-free-prop[-<rate>]": "sigmoid + loss-free bias, proportional step (default rate 1)",
+    "loss-free-center": "sigmoid + loss-free bias, sign step, centred",
+    "loss-free+seq": "DeepSeek-V3: loss-free bias 1e-3 + sequence aux loss 1e-4",
+    "limoe": "LIMoE: local/global entropy (threshold) + importance loss",
+    "vmoe": "V-MoE: importance + noisy top-k load losses",
+    "hash[-<n>gram]": "Hash Layers: balanced table of (n-gram) buckets, unit weights",
+    "null-<Z>": "Z zero null experts + Switch aux loss 1e-2",
+    "base": "BASE balanced assignment (training), greedy top-k (eval)",
+    "none": "softmax top-k, no balancing",
+}
+NAMES_HELP = ", ".join(POLICY_NAMES)
+HASH_BUCKETS = 1 << 16  # n-gram buckets (unigram: the 256 byte values)
 
 
 @dataclass(frozen=True)
 class Policy:
     name: str
-    kind: str  # "aux" | "loss_free" | "base" | "none"
+    kind: str  # "aux" | "loss_free" | "loss_free_prop" | "loss_free_center" | "loss_free_seq" | "limoe" | "vmoe" | "hash" | "null" | "base" | "none"
     score: str  # "softmax" | "sigmoid"
-    coefficient: float | None = None  # alpha for aux, rate u for loss_free
+    coefficient: float | None = None  # alpha for aux, rate u for loss-free, n for hash, Z for null
 
-    def make_router(self, d_model: int, num_experts: int, top_k: int) -> moebal.Router:
-        if self.kind == "aux":
-            balancer = moebal.AuxLoss(self.coefficient)
-        elif self.kind == "loss_free":
-            balancer = moebal.LossFree(self.coefficient)
-        elif self.kind == "base":
+    @property
+    def num_null_experts(self) -> int:
+        return int(self.coefficient) if self.kind == "null" else 0
+
+    def make_router(self, d_model: int, num_experts: int, top_k: int, train_tokens: torch.Tensor | None = None,
+                    seq_len: int | None = None) -> moebal.Router:
+        """The router of one layer; hash tables are fitted on ``train_tokens`` (the training split)."""
+        c, kind = self.coefficient, self.kind
+        if kind == "aux":
+            balancer = moebal.AuxLoss(c)
+        elif kind == "loss_free":
+            balancer = moebal.LossFree(c)
+        elif kind == "loss_free_prop":
+            balancer = moebal.LossFree(c, rule="proportional")
+        elif kind == "loss_free_center":
+            balancer = moebal.LossFree(c, center=True)
+        elif kind == "loss_free_seq":
+            balancer = (moebal.LossFree(1e-3), moebal.AuxLoss(1e-4, "sequence"))
+        elif kind == "limoe":
+            # the global term acts while the marginal's entropy is below 90 % of log E
+            balancer = (moebal.ImportanceLoss(1e-2), moebal.EntropyLoss(1e-2, 1e-2, threshold=0.9 * math.log(num_experts)))
+        elif kind == "vmoe":
+            balancer = (moebal.ImportanceLoss(5e-3), moebal.LoadLoss(5e-3))
+        elif kind == "hash":
+            balancer = _hash_policy(int(c), train_tokens, seq_len)
+        elif kind == "null":
+            balancer = moebal.AuxLoss(1e-2)
+        elif kind == "base":
             balancer = moebal.LinearAssignment()
         else:
             balancer = None
-        return moebal.Router(d_model, num_experts, top_k, score=self.score, balancer=balancer)
+        return moebal.Router(d_model, num_experts, top_k, score=self.score, balancer=balancer,
+                             num_null_experts=self.num_null_experts)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "kind": self.kind, "score": self.score, "coefficient": self.coefficient}
+
+
+def _hash_policy(ngram: int, train_tokens: torch.Tensor | None, seq_len: int | None):
+    from moebal.hash_table import bucket_counts
+    from moebal.policies.hashing import HashRouting
+
+    if train_tokens is None:
+        raise ValueError("a hash policy needs the training tokens to fit its balanced table")
+    buckets = 256 if ngram == 1 else HASH_BUCKETS
+    counts = bucket_counts(train_tokens.long(), ngram, buckets, seq_len=seq_len)
+    return HashRouting("balanced", counts=counts, ngram=ngram)
 
 
 def _number(text: str, name: str) -> float:
@@ -53,19 +114,33 @@ def _number(text: str, name: str) -> float:
     return value
 
 
+def _count(text: str, name: str, what: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"policy {name!r}: {what} must be a positive integer, got {text!r}")
+    return int(text)
+
+
 def parse_policy(name: str) -> Policy:
     """The policy called ``name``; ValueError naming the accepted forms otherwise."""
     text = name.strip().lower()
-    if text == "base":
-        return Policy(text, "base", "softmax")
-    if text == "none":
-        return Policy(text, "none", "softmax")
-    if text == "loss-free":
-        return Policy(text, "loss_free", "sigmoid", 1e-3)
+    fixed = {
+        "base": ("base", "softmax", None), "none": ("none", "softmax", None),
+        "loss-free": ("loss_free", "sigmoid", 1e-3), "loss-free-prop": ("loss_free_prop", "sigmoid", 1.0),
+        "loss-free-center": ("loss_free_center", "sigmoid", 1e-3), "loss-free+seq": ("loss_free_seq", "sigmoid", None),
+        "limoe": ("limoe", "softmax", None), "vmoe": ("vmoe", "softmax", None), "hash": ("hash", "softmax", 1.0),
+    }
+    if text in fixed:
+        return Policy(text, *fixed[text])
+    if text.startswith("loss-free-prop-"):
+        return Policy(text, "loss_free_prop", "sigmoid", _number(text[len("loss-free-prop-"):], name))
     if text.startswith("loss-free-"):
         return Policy(text, "loss_free", "sigmoid", _number(text[len("loss-free-"):], name))
     if text.startswith("aux-"):
         return Policy(text, "aux", "softmax", _number(text[len("aux-"):], name))
+    if text.startswith("hash-") and text.endswith("gram"):
+        return Policy(text, "hash", "softmax", float(_count(text[len("hash-"):-len("gram")], name, "n")))
+    if text.startswith("null-"):
+        return Policy(text, "null", "softmax", float(_count(text[len("null-"):], name, "the null expert count")))
     raise ValueError(f"unknown policy {name!r}; known: {NAMES_HELP}")
 
 

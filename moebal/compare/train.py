@@ -113,12 +113,13 @@ def _overflow_frac(load_E: torch.Tensor, top_k: int, num_tokens: int, capacity_f
     return float((load_E - capacity).clamp(min=0).sum()) / max(1, num_tokens * top_k)
 
 
-def build_model(cfg: CompareConfig, policy: Policy) -> MoELM:
-    """The model for ``policy``, initialised from ``cfg.seed`` (identical for every policy)."""
+def build_model(cfg: CompareConfig, policy: Policy, train_tokens: torch.Tensor | None = None) -> MoELM:
+    """The model for ``policy``, initialised from ``cfg.seed`` (identical for every policy);
+    ``train_tokens`` (the training split) fit a hash policy's table."""
     m = cfg.model
     with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG as it was
         torch.manual_seed(cfg.seed)
-        return MoELM(m, lambda: policy.make_router(m.d_model, m.num_experts, m.top_k))
+        return MoELM(m, lambda: policy.make_router(m.d_model, m.num_experts, m.top_k, train_tokens))
 
 
 def _eval_pass(model: MoELM, batches, device: torch.device, meter: BalanceMeter, score_sum_LE: torch.Tensor):
@@ -126,7 +127,8 @@ def _eval_pass(model: MoELM, batches, device: torch.device, meter: BalanceMeter,
 
     def record_scores(i: int):
         def hook(_module, _inputs, routing) -> None:
-            score_sum_LE[i] += routing.scores.detach().sum(0).double().cpu()
+            if routing.scores is not None:  # a gate-free hash router has no scores; null experts' columns are cut
+                score_sum_LE[i] += routing.scores.detach()[:, : score_sum_LE.shape[1]].sum(0).double().cpu()
 
         return hook
 
@@ -185,7 +187,7 @@ def evaluate(model: MoELM, corpus: Corpus, cfg: CompareConfig) -> dict:
 def train_policy(policy: Policy, corpus: Corpus, cfg: CompareConfig, progress: Progress | None = None) -> dict:
     """Train one model with ``policy`` and return its measurements (plain Python values)."""
     device = torch.device(cfg.device)
-    model = build_model(cfg, policy).to(device)
+    model = build_model(cfg, policy, corpus.train if policy.kind == "hash" else None).to(device)
     model.train()
     opt = _optimizer(model, cfg)
     layers = model.moe_layers()

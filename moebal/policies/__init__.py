@@ -2,10 +2,12 @@
 from moebal.policies.aux_loss import AuxLoss
 from moebal.policies.base import Policy, RouteContext
 from moebal.policies.entropy_loss import EntropyLoss
+from moebal.policies.hashing import HashRouting
 from moebal.policies.importance import ImportanceLoss, LoadLoss
 from moebal.policies.linear_assignment import LinearAssignment
 from moebal.policies.loss_free import LossFree
 
 __all__ = [
     "Policy", "RouteContext", "AuxLoss", "LossFree", "LinearAssignment", "EntropyLoss", "ImportanceLoss", "LoadLoss",
+    "HashRouting",
 ]
