@@ -2,7 +2,7 @@
 from moebal.assignment import balanced_assignment
 from moebal.dispatch import combine, dispatch
 from moebal.entropy import global_entropy, local_entropy
-from moebal.hash_table import balanced_hash_table
+from moebal.hash_table import balanced_hash_table, bucket_counts, ngram_buckets
 from moebal.routing import (
     loss_free_update,
     router_z_loss,
@@ -21,6 +21,8 @@ __all__ = [
     "global_entropy",
     "balanced_assignment",
     "balanced_hash_table",
+    "ngram_buckets",
+    "bucket_counts",
     "dispatch",
     "combine",
 ]
