@@ -6,6 +6,8 @@
   :func:`from_hf_moe_block` / :func:`to_hf_moe_block`) turn transformers' own MoE blocks
   (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3) into ``moebal.MoE`` and back, bit-exact
   in the weights, raising :class:`ConversionError` on anything moebal cannot represent.
+- :func:`attach_token_source` (called by both) hands the model's ``attention_mask`` and
+  ``input_ids`` to every moebal layer, so padding is neither routed nor counted.
 
 transformers itself is imported lazily (only to recognise its module classes), so this
 package imports without it.
@@ -20,6 +22,7 @@ from moebal.hf._keys import ConversionError
 from moebal.hf._models import Replacement, SwapReport
 from moebal.hf.blocks import convert_moe_blocks, from_hf_moe_block, restore_moe_blocks, to_hf_moe_block
 from moebal.hf.swap import MoEWithDropout, swap_ffn
+from moebal.hf.tokens import TokenSource, attach_token_source, detach_token_source
 
 __all__ = [
     "swap_ffn",
@@ -28,6 +31,9 @@ __all__ = [
     "from_hf_moe_block",
     "to_hf_moe_block",
     "MoEWithDropout",
+    "attach_token_source",
+    "detach_token_source",
+    "TokenSource",
     "SwapReport",
     "Replacement",
     "ConversionError",

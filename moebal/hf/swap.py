@@ -29,6 +29,7 @@ from torch import nn
 
 from moebal.hf._keys import ConversionError, Rule, same, transpose_last2, translate
 from moebal.hf._models import Replacement, SwapReport, activation_name, find_layer_lists, set_submodule
+from moebal.hf.tokens import attach_token_source
 from moebal.layer import MoE
 from moebal.router import Router, make_router
 
@@ -42,8 +43,15 @@ class MoEWithDropout(MoE):
         super().__init__(*args, **kwargs)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(super().forward(x))
+    def forward(
+        self,
+        x: torch.Tensor,
+        token_mask: torch.Tensor | None = None,
+        token_ids: torch.Tensor | None = None,
+        token_groups: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        y = super().forward(x, token_mask=token_mask, token_ids=token_ids, token_groups=token_groups)
+        return self.dropout(y)  # masked tokens stay zero
 
 
 @dataclass(frozen=True)
@@ -316,7 +324,9 @@ def swap_ffn(
 
     Returns:
         A :class:`SwapReport`: (layer index, module path, old class, new class) per
-        replacement, plus each layer left alone and why.
+        replacement, plus each layer left alone and why. The model's ``attention_mask``
+        and ``input_ids`` reach every new layer (:func:`moebal.hf.attach_token_source`):
+        padding is neither routed nor counted.
 
     Raises:
         ConversionError: nothing matched, a requested layer has no dense FFN, or an FFN
@@ -372,4 +382,5 @@ def swap_ffn(
                 report.replaced.append(Replacement(i, path, type(ffn).__name__, type(moe).__name__, upcycle))
     if not report.replaced:
         raise ConversionError("swap_ffn replaced nothing:\n" + str(report))
+    attach_token_source(model)
     return report
