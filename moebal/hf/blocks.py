@@ -55,6 +55,7 @@ from torch import nn
 
 from moebal.hf._keys import ConversionError, Rule, same, transpose_last2, translate
 from moebal.hf._models import Replacement, SwapReport, activation_name, find_layer_lists, set_submodule
+from moebal.hf.tokens import attach_token_source
 from moebal.layer import MoE
 from moebal.router import AuxLoss, LinearAssignment, LossFree, Router
 
@@ -393,6 +394,7 @@ def convert_moe_blocks(
         set_submodule(model, path, moe)
         report.replaced.append(Replacement(i, path, type(child).__name__, type(moe).__name__, False,
                                            type(child), getattr(child.experts, "config", None)))
+    attach_token_source(model)  # the layers read the model's attention_mask and input_ids
     return report
 
 
