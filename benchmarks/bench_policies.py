@@ -46,7 +46,7 @@ def _policies(E: int, K: int, ids: torch.Tensor) -> dict:
         "topk": dict(score="softmax", balancer=None),
         "aux-1e-2": dict(score="softmax", balancer=moebal.AuxLoss(1e-2)),
         "loss-free": dict(score="sigmoid", balancer=moebal.LossFree(1e-3)),
-        "loss-free-prop": dict(score="sigmoid", balancer=moebal.LossFree(1.0, rule="proportional")),
+        "loss-free-prop": dict(score="sigmoid", balancer=moebal.LossFree(rule="proportional")),
         "loss-free+seq": dict(score="sigmoid", balancer=(moebal.LossFree(1e-3), moebal.AuxLoss(1e-4, "sequence"))),
         "limoe": dict(score="softmax", balancer=(moebal.ImportanceLoss(5e-3), moebal.EntropyLoss(1e-2, 1e-2, threshold=2.0))),
         "vmoe": dict(score="softmax", balancer=(moebal.ImportanceLoss(5e-3), moebal.LoadLoss(5e-3))),

@@ -156,7 +156,7 @@ def test_compare_end_to_end(corpus, tmp_path):
 
 def test_router_v2_policy_names():
     cases = {
-        "loss-free-prop": ("loss_free_prop", 1.0), "loss-free-prop-0.5": ("loss_free_prop", 0.5),
+        "loss-free-prop": ("loss_free_prop", 0.3), "loss-free-prop-0.5": ("loss_free_prop", 0.5),
         "loss-free-center": ("loss_free_center", 1e-3), "loss-free+seq": ("loss_free_seq", None),
         "limoe": ("limoe", None), "vmoe": ("vmoe", None), "hash": ("hash", 1.0), "hash-4gram": ("hash", 4.0),
         "null-4": ("null", 4.0),

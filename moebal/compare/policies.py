@@ -6,7 +6,7 @@ Names (``POLICY_NAMES`` lists them with one line each, as ``moebal info`` prints
 - ``loss-free`` or ``loss-free-<rate>``: sigmoid router + loss-free bias, sign step of
   size u (default 1e-3, as in Wang et al. 2024).
 - ``loss-free-prop`` or ``loss-free-prop-<rate>``: the proportional step (LongCat-Flash),
-  ``u * (mean(c) - c) / sum(c)``, default u = 1.
+  ``u * (mean(c) - c) / sum(c)``, default u = 0.3.
 - ``loss-free-center``: the sign step, centred (torchtitan).
 - ``loss-free+seq``: DeepSeek-V3's recipe, loss-free bias (1e-3) plus the sequence-wise
   aux loss (alpha 1e-4).
@@ -34,7 +34,7 @@ DEFAULT_POLICIES = ("aux-1e-2", "aux-1e-3", "loss-free", "base")
 POLICY_NAMES = {
     "aux-<alpha>": "softmax + Switch aux loss (aux-1e-2, aux-1e-3)",
     "loss-free[-<rate>]": "sigmoid + loss-free bias, sign step (default rate 1e-3)",
-    "loss-free-prop[-<rate>]": "sigmoid + loss-free bias, proportional step (default rate 1)",
+    "loss-free-prop[-<rate>]": "sigmoid + loss-free bias, proportional step (default rate 0.3)",
     "loss-free-center": "sigmoid + loss-free bias, sign step, centred",
     "loss-free+seq": "DeepSeek-V3: loss-free bias 1e-3 + sequence aux loss 1e-4",
     "limoe": "LIMoE: local/global entropy (threshold) + importance loss",
@@ -125,7 +125,7 @@ def parse_policy(name: str) -> Policy:
     text = name.strip().lower()
     fixed = {
         "base": ("base", "softmax", None), "none": ("none", "softmax", None),
-        "loss-free": ("loss_free", "sigmoid", 1e-3), "loss-free-prop": ("loss_free_prop", "sigmoid", 1.0),
+        "loss-free": ("loss_free", "sigmoid", 1e-3), "loss-free-prop": ("loss_free_prop", "sigmoid", 0.3),
         "loss-free-center": ("loss_free_center", "sigmoid", 1e-3), "loss-free+seq": ("loss_free_seq", "sigmoid", None),
         "limoe": ("limoe", "softmax", None), "vmoe": ("vmoe", "softmax", None), "hash": ("hash", "softmax", 1.0),
     }
