@@ -283,3 +283,18 @@ def test_null_expert_arguments():
     with pytest.raises(ValueError, match="num_null_experts"):
         moebal.MoE(8, 8, 4, 2, router=r, num_null_experts=1)
     assert moebal.MoE(8, 8, 4, 2, router=r).router.num_null_experts == 2
+
+
+def test_a_token_routed_only_to_identity_nulls_outputs_exactly_w_times_x():
+    moe = moebal.MoE(8, 12, 2, 2, num_null_experts=2, null_expert="identity", router=Router(8, 2, 2, num_null_experts=2)).eval()
+    with torch.no_grad():
+        moe.router.gate.weight.zero_()
+        moe.router.gate.weight[2, 0] = 3.0
+        moe.router.gate.weight[3, 0] = 2.0
+    x = torch.randn(5, 8)
+    x[:, 0] = 1.0
+    routing = moe.router(x)
+    assert (routing.indices >= 2).all()
+    w_T1 = routing.weights.sum(-1, keepdim=True)  # renormalised: exactly 1 up to rounding of the sum
+    assert torch.equal(moe(x), w_T1 * x)
+    torch.testing.assert_close(w_T1, torch.ones(5, 1), rtol=1e-6, atol=0)
