@@ -55,7 +55,8 @@ class MoE(nn.Module):
             bias rate 1e-3), ``"base"`` (balanced assignment in training) or a ``moebal.Router``.
         capacity_factor: None for dropless, or a float c > 0: each expert takes at most
             ``ceil(c * T * K / E)`` rows; overflowing pairs contribute zero and are counted
-            in ``last_stats``.
+            in ``last_stats``. T counts every row, masked ones included (the buffer's
+            shape stays static, no host sync): padding takes no seat but sizes the buffer.
         num_shared_experts: dense experts every token passes through (DeepSeek), run as
             one FFN of hidden ``num_shared_experts * d_ff``.
         activation: ``"swiglu"``, ``"gelu"`` (exact) or ``"gelu_tanh"`` (tanh approximation).
