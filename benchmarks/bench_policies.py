@@ -5,7 +5,8 @@ Usage: python benchmarks/bench_policies.py [--configs A C] [--repeats 7] [--out 
 
 Every layer has the same gate and expert weights; each round runs every policy once, back
 to back, and the ratio is the median over rounds of (policy time / top-k time of the same
-round), as ``moebal bench`` pairs its ratios. The balancing loss is part of the timed
+round), as ``moebal bench`` pairs its ratios. Two timings: the whole layer's fwd+bwd
+(the experts dominate it), and the router's forward alone (where the policies differ). The balancing loss is part of the timed
 backward (the output gets ``+ aux_loss``). Hash routing gets token ids drawn from a Zipf
 distribution over a 32k vocabulary, its balanced table fitted on those ids' counts.
 """
@@ -23,6 +24,7 @@ from moebal.bench.configs import CONFIGS
 from moebal.bench.timing import _time_round_robin, paired_ratio
 
 VOCAB = 32768
+SEQUENCES = 4  # the T tokens form 4 sequences
 
 
 class _Layer(nn.Module):
@@ -32,9 +34,24 @@ class _Layer(nn.Module):
         super().__init__()
         self.moe, self.ids = moe, ids
 
-    def forward(self, x):
-        y = self.moe(x, token_ids=self.ids) if self.ids is not None else self.moe(x)
-        return y + self.moe.aux_loss.to(y.dtype)
+    def forward(self, x_TD):
+        x = x_TD.view(SEQUENCES, -1, x_TD.shape[-1])  # [B, S, D]: the sequence aux loss needs sequences
+        ids = None if self.ids is None else self.ids.view(SEQUENCES, -1)
+        y = self.moe(x, token_ids=ids) if ids is not None else self.moe(x)
+        return (y + self.moe.aux_loss.to(y.dtype)).view_as(x_TD)
+
+
+class _RouterOnly(nn.Module):
+    """``x -> the router's weights``: the routing step alone, forward only."""
+
+    def __init__(self, layer: _Layer):
+        super().__init__()
+        self.router, self.ids = layer.moe.router, layer.ids
+
+    def forward(self, x_TD):
+        with torch.no_grad():
+            routing = self.router(x_TD, seq_len=x_TD.shape[0] // SEQUENCES, token_ids=self.ids)
+        return routing.weights
 
 
 def _policies(E: int, K: int, ids: torch.Tensor) -> dict:
@@ -44,6 +61,7 @@ def _policies(E: int, K: int, ids: torch.Tensor) -> dict:
     counts = bucket_counts(ids, 1, VOCAB)
     return {
         "topk": dict(score="softmax", balancer=None),
+        "topk-again": dict(score="softmax", balancer=None),  # a second copy: the noise floor of a ratio
         "aux-1e-2": dict(score="softmax", balancer=moebal.AuxLoss(1e-2)),
         "loss-free": dict(score="sigmoid", balancer=moebal.LossFree(1e-3)),
         "loss-free-prop": dict(score="sigmoid", balancer=moebal.LossFree(rule="proportional")),
@@ -76,10 +94,17 @@ def bench(config: str, repeats: int, warmup: int) -> dict:
         layers[name] = _Layer(moe, ids if name.startswith("hash") else None).train()
     x = torch.randn(T, D, generator=gen).requires_grad_(True)
     g = torch.randn(T, D, generator=gen)
-    times = _time_round_robin(layers, x, g, "fwd+bwd", repeats, warmup, "cpu" if torch.get_num_threads() == 1 else "wall")
-    base = times["topk"]
+    timer = "cpu" if torch.get_num_threads() == 1 else "wall"
+    times = _time_round_robin(layers, x, g, "fwd+bwd", repeats, warmup, timer)
+    routers = {name: _RouterOnly(layer) for name, layer in layers.items()}
+    router_times = _time_round_robin(routers, x, g, "fwd", 3 * repeats, warmup, timer)
     return {
-        name: {"best_s": min(t), "ratio_to_topk": paired_ratio(t, base)} for name, t in times.items()
+        name: {
+            "best_s": min(t), "ratio_to_topk": paired_ratio(t, times["topk"]),
+            "router_fwd_best_s": min(router_times[name]),
+            "router_fwd_ratio_to_topk": paired_ratio(router_times[name], router_times["topk"]),
+        }
+        for name, t in times.items()
     }
 
 
@@ -96,9 +121,11 @@ def main() -> None:
     for c in args.configs:
         res = bench(c, args.repeats, args.warmup)
         out["configs"][c] = res
-        print(f"config {c} ({CONFIGS[c]}): fwd+bwd, ratio to plain top-k (median of paired rounds)")
+        print(f"config {c} ({CONFIGS[c]}): ratio to plain top-k (median of paired rounds)")
+        print(f"  {'policy':16s} {'layer fwd+bwd':>14s} {'best ms':>9s} {'router fwd':>11s} {'best ms':>8s}")
         for name, r in res.items():
-            print(f"  {name:16s} {r['ratio_to_topk']:6.3f}   best {r['best_s'] * 1e3:8.1f} ms")
+            print(f"  {name:16s} {r['ratio_to_topk']:14.3f} {r['best_s'] * 1e3:9.1f} "
+                  f"{r['router_fwd_ratio_to_topk']:11.3f} {r['router_fwd_best_s'] * 1e3:8.2f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=1)

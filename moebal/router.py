@@ -292,8 +292,8 @@ class Router(nn.Module):
             with torch.autocast(device_type=x_TD.device.type, enabled=False):
                 logits_TE = nn.functional.linear(x_TD.float(), self.gate.weight.float())
             finite_T = torch.isfinite(logits_TE).all(dim=-1)
-        else:  # hash routing with unit weights: no gate GEMM at all
-            logits_TE, finite_T = None, torch.isfinite(x_TD).all(dim=-1)
+        else:  # hash routing with unit weights: no gate GEMM, no logits to be non-finite
+            logits_TE, finite_T = None, torch.ones(T, dtype=torch.bool, device=x_TD.device)
         nonfinite = (~finite_T).sum()
         eager_training = self.training and not torch.compiler.is_compiling()
         replay = None

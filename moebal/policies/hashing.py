@@ -211,8 +211,8 @@ class HashRouting(Policy):
         table_VK = router.hash_table
         bucket_T = ngram_buckets(ctx.token_ids_T.to(table_VK.device), self.ngram, self.buckets, ctx.seq_len, ctx.mask_T)
         indices_TK = table_VK[bucket_T]
-        if self.weights == "unit":
-            return self.unit_weights(indices_TK), indices_TK
+        if self.weights == "unit":  # a table row holds K real experts: 1/K each
+            return torch.full(indices_TK.shape, 1.0 / router.top_k, device=indices_TK.device), indices_TK
         weights_TK = R._chosen_weights(ctx.scores_TE, ctx.logits_TE, indices_TK, router.score, router.renormalize)
         return weights_TK, indices_TK
 
