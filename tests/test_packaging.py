@@ -8,6 +8,7 @@ directory is the root, exactly as a user's ``python -c`` would.
 """
 import pathlib
 import subprocess
+import tempfile
 import sys
 
 import pytest
@@ -57,3 +58,10 @@ def test_kernels_import_as_moebal_kernels_from_repo_root():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == ["moebal.kernels.api", "moebal.kernels.dispatch"]
+
+
+def test_importing_moebal_does_not_import_triton():
+    # the kernel tests set TRITON_INTERPRET=1 before triton is first imported; an import of
+    # torch._dynamo (torch.compiler.disable at module level, say) imports triton too early
+    code = "import sys, moebal, moebal.hf; assert 'triton' not in sys.modules, 'triton imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tempfile.gettempdir())

@@ -151,13 +151,11 @@ def _output_nodes(output) -> list:
     return [v.grad_fn for v in values if isinstance(v, torch.Tensor) and v.grad_fn is not None]
 
 
-@torch.compiler.disable
-def _run_eager(fn, *args) -> None:
+def _run_eager(fn, *args) -> None:  # made eager-only by _make_eager_only
     fn(*args)
 
 
-@torch.compiler.disable  # reads the autograd engine: always eager, also from a compiled layer
-def _recomputed(source: TokenSource) -> _Frame | None:
+def _recomputed(source: TokenSource) -> _Frame | None:  # reads the autograd engine: eager-only (_make_eager_only)
     """The finished frame whose forward created the autograd node executing now: the one a
     checkpoint's recompute belongs to. None outside a backward pass."""
     if not in_backward():
@@ -197,6 +195,7 @@ class TokenSource:
     _UNHELD = 8  # finished frames kept strongly when no output tensor carries their graph
 
     def __init__(self):
+        _make_eager_only()  # a source exists (attached, copied or unpickled) before any layer reads it
         self._stack: list[_Frame] = []  # hooked forwards running now, innermost last
         self._done: list[weakref.ref] = []  # finished frames a checkpoint recompute may need
         self._unheld: collections.deque = collections.deque(maxlen=self._UNHELD)
@@ -301,6 +300,20 @@ def _unhook(module: nn.Module, keep: TokenSource | None) -> None:
         if source is not keep:
             module._forward_hooks.pop(hid)
             module._forward_hooks_always_called.pop(hid, None)
+
+
+_EAGER_ONLY = []
+
+
+def _make_eager_only() -> None:
+    """Wrap ``_run_eager`` and ``_recomputed`` in ``torch.compiler.disable`` (always eager,
+    also when a compiled layer calls them). Done on the first attach, not at import:
+    ``torch.compiler.disable`` imports torch._dynamo, and with it triton, which importing
+    moebal must not do (a later ``TRITON_INTERPRET=1`` would then be ignored)."""
+    global _run_eager, _recomputed
+    if not _EAGER_ONLY:
+        _run_eager, _recomputed = torch.compiler.disable(_run_eager), torch.compiler.disable(_recomputed)
+        _EAGER_ONLY.append(True)
 
 
 def attach_token_source(model: nn.Module) -> TokenSource:
