@@ -408,13 +408,30 @@ def _forced_weights(ctx: RouteContext, indices_TK: torch.Tensor) -> torch.Tensor
     return torch.where(valid_TK.all(-1, keepdim=True), chosen_TK, partial_TK)
 
 
+_NAMED = {  # name -> (score, policy class)
+    "aux_loss": ("softmax", AuxLoss),
+    "loss_free": ("sigmoid", LossFree),
+    "base": ("softmax", LinearAssignment),
+}
+
+
 def make_router(
-    spec, d_model: int, num_experts: int, top_k: int, device=None, dtype=None, num_null_experts: int | None = None
+    spec, d_model: int, num_experts: int, top_k: int, device=None, dtype=None, num_null_experts: int | None = None,
+    **options,
 ) -> Router:
     """Build a router from ``"aux_loss"``, ``"loss_free"``, ``"base"`` or pass a Router through
     (``device``/``dtype`` are factory kwargs for a router built here; ``num_null_experts``
-    None takes a given router's own, 0 for a named one)."""
+    None takes a given router's own, 0 for a named one).
+
+    ``options`` configure a named router: the policy's own fields (``alpha``/``variant``
+    for ``"aux_loss"``; ``rate``/``update``/``rule``/``center`` for ``"loss_free"``;
+    ``solver`` for ``"base"``) and ``Router`` arguments (``z_loss``, ``score``,
+    ``renormalize``, ``scale``, ...), e.g. ``make_router("loss_free", ..., rate=1e-2,
+    update="manual")``. An unknown option raises ``TypeError`` naming it.
+    """
     if isinstance(spec, Router):
+        if options:
+            raise TypeError(f"router options {sorted(options)} apply to a named router, not to a moebal.Router instance")
         if (spec.d_model, spec.num_experts, spec.top_k) != (d_model, num_experts, top_k):
             raise ValueError(
                 f"router was built for (d_model, num_experts, top_k)={(spec.d_model, spec.num_experts, spec.top_k)}, "
@@ -426,14 +443,21 @@ def make_router(
                 f"num_null_experts={spec.num_null_experts}"
             )
         return spec
-    factory = dict(device=device, dtype=dtype, num_null_experts=num_null_experts or 0)
-    if spec == "aux_loss":
-        return Router(d_model, num_experts, top_k, score="softmax", balancer=AuxLoss(), **factory)
-    if spec == "loss_free":
-        return Router(d_model, num_experts, top_k, score="sigmoid", balancer=LossFree(), **factory)
-    if spec == "base":
-        return Router(d_model, num_experts, top_k, score="softmax", balancer=LinearAssignment(), **factory)
-    raise ValueError(f"router must be 'aux_loss', 'loss_free', 'base' or a moebal.Router, got {spec!r}")
+    if not isinstance(spec, str) or spec not in _NAMED:
+        raise ValueError(f"router must be 'aux_loss', 'loss_free', 'base' or a moebal.Router, got {spec!r}")
+    score, policy_cls = _NAMED[spec]
+    fields = set(policy_cls.__dataclass_fields__)
+    router_args = {"score", "z_loss", "renormalize", "scale", "balance_group", "num_groups", "top_groups"}
+    unknown = sorted(set(options) - fields - router_args)
+    if unknown:
+        raise TypeError(
+            f"unknown option(s) {unknown} for router={spec!r}; it takes {sorted(fields)} ({policy_cls.__name__}) "
+            f"and {sorted(router_args)} (Router)"
+        )
+    policy = policy_cls(**{k: v for k, v in options.items() if k in fields})
+    kwargs = {"score": score, **{k: v for k, v in options.items() if k in router_args}}
+    return Router(d_model, num_experts, top_k, balancer=policy, device=device, dtype=dtype,
+                  num_null_experts=num_null_experts or 0, **kwargs)
 
 
 @torch.no_grad()

@@ -298,3 +298,16 @@ def test_a_token_routed_only_to_identity_nulls_outputs_exactly_w_times_x():
     w_T1 = routing.weights.sum(-1, keepdim=True)  # renormalised: exactly 1 up to rounding of the sum
     assert torch.equal(moe(x), w_T1 * x)
     torch.testing.assert_close(w_T1, torch.ones(5, 1), rtol=1e-6, atol=0)
+
+
+def test_named_routers_take_their_options():
+    from moebal.router import make_router
+
+    r = make_router("loss_free", 8, 4, 2, rate=1e-2, update="manual", rule="proportional", z_loss=1e-3)
+    assert (r.balancer.rate, r.balancer.update, r.balancer.rule, r.z_loss, r.score) == (1e-2, "manual", "proportional", 1e-3, "sigmoid")
+    assert make_router("aux_loss", 8, 4, 2, alpha=1e-3, variant="sequence").balancer == moebal.AuxLoss(1e-3, "sequence")
+    assert make_router("base", 8, 4, 2, solver="sinkhorn").balancer.solver == "sinkhorn"
+    with pytest.raises(TypeError, match=r"\['rat'\].*rate"):
+        make_router("loss_free", 8, 4, 2, rat=1e-2)
+    with pytest.raises(TypeError, match="named router"):
+        make_router(Router(8, 4, 2), 8, 4, 2, rate=1e-2)
