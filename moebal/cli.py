@@ -89,8 +89,15 @@ def _add_compare(sub) -> None:
     p.add_argument("--steps", type=_positive_int, default=c.steps,
                    help="training steps per policy (default: %(default)s)")
     p.add_argument("--device", type=_device, default="cpu", help="cpu or cuda (default: %(default)s)")
-    p.add_argument("--out", default="moebal-compare", help="output directory (default: ./%(default)s)")
+    p.add_argument("--out", default=None,
+                   help="output directory (default: ./moebal-compare; with --plot, the JSON's directory)")
     p.add_argument("--seed", type=int, default=c.seed, help="init and data-order seed (default: %(default)s)")
+    p.add_argument("--seeds", type=_positive_int, default=1,
+                   help="run every policy with N seeds (--seed, --seed+1, ...); the table shows mean ± sd and "
+                        "which policies the seeds cannot tell apart (default: %(default)s)")
+    p.add_argument("--plot", metavar="RESULTS_JSON", default=None,
+                   help="train nothing: print the table of a saved results.json and redraw its plots (into --out "
+                        "when given, else next to the JSON)")
     p.add_argument("--batch", type=_positive_int, default=c.batch, help="sequences per step (default: %(default)s)")
     p.add_argument("--seq-len", type=_positive_int, default=c.seq_len, help="bytes per sequence (default: %(default)s)")
     p.add_argument("--lr", type=_positive_float, default=c.lr, help="peak learning rate (default: %(default)s)")
@@ -115,10 +122,45 @@ def _add_compare(sub) -> None:
     p.set_defaults(run=_run_compare, parser=p)
 
 
+def _redraw(args, parser) -> int:
+    """``moebal compare --plot results.json``: the table and the plots from a saved run."""
+    from pathlib import Path
+
+    from moebal.compare.report import PLOTS, check_out_dir, format_table
+
+    path = Path(args.plot)
+    try:
+        results = json.loads(path.read_text())
+        table = format_table(results)
+    except OSError as err:
+        parser.error(f"argument --plot: cannot read {path}: {err.strerror or err}")
+    except (ValueError, KeyError, TypeError) as err:
+        parser.error(f"argument --plot: {path} is not a moebal compare results.json ({type(err).__name__}: {err})")
+    if importlib.util.find_spec("matplotlib") is None:
+        parser.error("the plots need matplotlib: pip install 'moebal[plot]'")
+    try:
+        out_dir = check_out_dir(args.out if args.out is not None else path.parent)
+    except ValueError as err:
+        parser.error(f"argument --out: {err}")
+    print(table, flush=True)
+    written = []
+    for _, name, plot in PLOTS:
+        try:
+            written.append(plot(results, out_dir / name))
+        except (OSError, KeyError, TypeError, ValueError) as err:
+            print(f"moebal compare: error: could not draw {name} from {path}: {err}", file=sys.stderr)
+            return 1
+    print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
+    return 0
+
+
 def _run_compare(args, parser) -> int:
     from moebal.compare.model import ModelConfig
     from moebal.compare.report import check_out_dir, format_table
     from moebal.compare.train import CompareConfig, run_compare
+
+    if args.plot is not None:
+        return _redraw(args, parser)
 
     try:
         model = ModelConfig(
@@ -138,7 +180,7 @@ def _run_compare(args, parser) -> int:
     if problem:
         parser.error(problem)
     try:
-        out_dir = check_out_dir(args.out)  # before training: minutes of work must not end in a failed write
+        out_dir = check_out_dir(args.out or "moebal-compare")  # before training: minutes of work must not end in a failed write
     except ValueError as err:
         parser.error(f"argument --out: {err}")
     import torch
@@ -147,7 +189,7 @@ def _run_compare(args, parser) -> int:
     threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        results = run_compare(cfg, args.policies, progress=progress)
+        results = run_compare(cfg, args.policies, progress=progress, seeds=list(range(args.seed, args.seed + args.seeds)))
     finally:
         torch.set_num_threads(threads_before)
     print(format_table(results), flush=True)  # first: the table survives any failed write below

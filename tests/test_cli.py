@@ -36,6 +36,8 @@ def test_help_exits_zero(argv, capsys):
         (["compare", "--device", "tpu"], "unknown device 'tpu'"),
         (["compare", "--experts", "4", "--top-k", "8"], "top_k=8 must be <= num_experts=4"),
         (["compare", "--batch", "3", "--seq-len", "5"], "multiple of num_experts"),
+        (["compare", "--seeds", "0"], "--seeds: expected a positive integer"),
+        (["compare", "--plot", "/nonexistent/results.json"], "argument --plot: cannot read"),
         (["bench", "--configs", "A,Z"], "unknown config(s) Z"),
         (["bench", "--dtypes", "fp64"], "--dtypes: expected a comma list of fp32, bf16"),
         (["bench", "--threads", "0"], "--threads: expected a positive integer"),
@@ -77,6 +79,54 @@ def test_tiny_compare_through_the_cli(tmp_path, capsys):
     assert [p["name"] for p in saved["policies"]] == ["aux-1e-3", "base"]
     assert saved["config"]["seed"] == 3 and saved["config"]["model"]["num_experts"] == 4
     assert saved["policies"][1]["maxvio_batch"] == 0.0
+
+
+def test_seeds_summarise_and_plot_redraws_from_the_json(tmp_path, capsys):
+    argv = [
+        "compare", "--steps", "3", "--policies", "aux-1e-2,loss-free", "--out", str(tmp_path / "run"), "--no-plots",
+        "--layers", "1", "--d-model", "16", "--heads", "2", "--experts", "4", "--expert-hidden", "8",
+        "--batch", "2", "--seq-len", "16", "--val-tokens", "64", "--seed", "5", "--seeds", "3",
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["seeds"] == [5, 6, 7] and len(saved["runs"]) == 3
+    for i, summary in enumerate(saved["summary"]):  # by hand: mean, sample sd, min, max over the 3 seeds
+        values = [run[i]["val_bpb"] for run in saved["runs"]]
+        mean = sum(values) / 3
+        sd = (sum((v - mean) ** 2 for v in values) / 2) ** 0.5
+        st = summary["val_bpb"]
+        assert st["mean"] == pytest.approx(mean, rel=1e-12) and st["sd"] == pytest.approx(sd, rel=1e-9)
+        assert (st["min"], st["max"]) == (min(values), max(values))
+    assert saved["runs"][0] == saved["policies"]
+    assert saved["runs"][0][0]["val_bpb"] != saved["runs"][1][0]["val_bpb"]  # another seed, another run
+    assert "3 seeds (5, 6, 7)" in out.out and " ± " in out.out
+
+    pytest.importorskip("matplotlib")
+    capsys.readouterr()
+    assert main(["compare", "--plot", str(tmp_path / "run" / "results.json")]) == 0
+    redrawn = capsys.readouterr()
+    assert redrawn.out.splitlines()[0].startswith("policy") and " ± " in redrawn.out
+    for name in ("maxvio_batch.png", "load_heatmap.png", "frontier.png"):
+        assert (tmp_path / "run" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    code, out = _exit_code(["compare", "--plot", str(bad)], capsys)
+    assert code == 2 and "not a moebal compare results.json" in out.err
+
+
+def test_within_spread_by_hand():
+    from moebal.compare.report import within_spread
+
+    def st(lo, hi):
+        return {"val_bpb": {"mean": (lo + hi) / 2, "sd": 0.0, "min": lo, "max": hi}}
+
+    results = {"seeds": [0, 1], "summary": [
+        {"name": "a", **st(2.90, 2.96)},  # mean 2.93, spread 0.06
+        {"name": "b", **st(2.95, 2.97)},  # mean 2.96: 0.03 from a, within a's spread
+        {"name": "c", **st(3.10, 3.11)},  # 0.15+ from both
+    ]}
+    assert within_spread(results) == [("a", "b")]
 
 
 def test_python_dash_m_runs_the_cli():
@@ -176,7 +226,7 @@ def test_compare_replaces_results_atomically(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     out = tmp_path / "run"
     out.mkdir()
-    names = ("results.json", "maxvio_batch.png", "load_heatmap.png")
+    names = ("results.json", "maxvio_batch.png", "load_heatmap.png", "frontier.png")
     for name in names:
         (out / name).write_text("old " + name)
     readers = {name: open(out / name) for name in names}  # noqa: SIM115 (closed below)

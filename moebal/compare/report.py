@@ -1,7 +1,8 @@
 """Tables, JSON and plots of ``moebal compare`` results (plots read the saved results).
 
-``format_table`` returns the text table printed on stdout; ``write_results`` writes
-``results.json``; ``plot_maxvio`` and ``plot_load_heatmap`` draw PNGs from a results
+``format_table`` returns the text table printed on stdout (mean ± sd over the seeds when
+there are several); ``write_results`` writes ``results.json``; ``plot_maxvio``,
+``plot_load_heatmap`` and ``plot_frontier`` draw PNGs from a results
 dict (as loaded from ``results.json``), so a figure can always be redrawn from the file.
 Every file is written to a temporary name in its directory and renamed into place, so a
 reader never sees a half-written file and a failed write leaves the old one intact.
@@ -18,7 +19,7 @@ from typing import Callable
 
 __all__ = [
     "format_table", "format_markdown_table", "check_out_dir", "write_results", "plot_maxvio",
-    "plot_load_heatmap", "write_all",
+    "plot_load_heatmap", "plot_frontier", "within_spread", "write_all",
 ]
 
 _COLUMNS = (
@@ -41,22 +42,63 @@ def _cells(policy: dict) -> list[str]:
     return cells
 
 
+def _summary_cells(summary: dict) -> list[str]:
+    """``mean ± sd`` over the seeds for each column (sd: sample standard deviation)."""
+    cells = [summary["name"]]
+    for _, key, fmt in _COLUMNS[1:]:
+        st = summary.get(key)
+        cells.append("-" if st is None else f"{fmt.format(st['mean'])} ± {fmt.format(st['sd'])}".replace("%", ""))
+    return cells
+
+
+def _rows(results: dict) -> list[list[str]]:
+    if results.get("summary"):
+        return [_summary_cells(s) for s in results["summary"]]
+    return [_cells(p) for p in results["policies"]]
+
+
+def within_spread(results: dict, key: str = "val_bpb") -> list[tuple[str, str]]:
+    """Pairs of policies whose ``key`` means differ by no more than the larger of their
+    seed spreads (max - min over the seeds): the seeds cannot tell them apart."""
+    summary = results.get("summary") or []
+    pairs = []
+    for i, a in enumerate(summary):
+        for b in summary[i + 1:]:
+            if key in a and key in b:
+                spread = max(a[key]["max"] - a[key]["min"], b[key]["max"] - b[key]["min"])
+                if abs(a[key]["mean"] - b[key]["mean"]) <= spread:
+                    pairs.append((a["name"], b["name"]))
+    return pairs
+
+
+def _seed_note(results: dict) -> str:
+    seeds = results.get("seeds") or []
+    if len(seeds) < 2:
+        return ""
+    close = within_spread(results)
+    listed = "; ".join(f"{a} ~ {b}" for a, b in close) if close else "none"
+    return (
+        f"\n{len(seeds)} seeds ({', '.join(map(str, seeds))}): mean ± sample sd. Val bpb within the seed spread "
+        f"of each other (|difference of means| <= the larger max - min): {listed}"
+    )
+
+
 def format_table(results: dict) -> str:
     """A fixed-width text table, one row per policy, plus a line saying what was measured."""
     header = [title for title, _, _ in _COLUMNS]
-    rows = [_cells(p) for p in results["policies"]]
+    rows = _rows(results)
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     def line(cells: list[str]) -> str:
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
     out = [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
-    out.append(_footnote(results))
+    out.append(_footnote(results) + _seed_note(results))
     return "\n".join(out)
 
 
 def format_markdown_table(results: dict) -> str:
     header = [title for title, _, _ in _COLUMNS]
-    rows = [_cells(p) for p in results["policies"]]
+    rows = _rows(results)
     rule = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"
     out = ["| " + " | ".join(header) + " |", rule]
     out += ["| " + " | ".join(r) + " |" for r in rows]
@@ -216,8 +258,41 @@ def plot_load_heatmap(results: dict, path: str | Path) -> Path:
     return _save_figure(plt, fig, path)
 
 
+def plot_frontier(results: dict, path: str | Path) -> Path:
+    """Validation bpb against MaxVio_global, one point per policy (the quality-vs-balance
+    frontier: down and left is better); with several seeds the point is the mean and the
+    bars span min to max over the seeds."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    summary = results.get("summary")
+    points = []
+    if summary:
+        for st in summary:
+            x, y = st["maxvio_global"], st["val_bpb"]
+            points.append((st["name"], x["mean"], y["mean"], (x["mean"] - x["min"], x["max"] - x["mean"]),
+                           (y["mean"] - y["min"], y["max"] - y["mean"])))
+    else:
+        points = [(p["name"], p["maxvio_global"], p["val_bpb"], (0.0, 0.0), (0.0, 0.0)) for p in results["policies"]]
+    for name, x, y, xerr, yerr in points:
+        ax.errorbar([x], [y], xerr=[[xerr[0]], [xerr[1]]], yerr=[[yerr[0]], [yerr[1]]], fmt="o", capsize=3, label=name)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    seeds = results.get("seeds") or [results["config"].get("seed")]
+    ax.set_xlabel("MaxVio_global (validation, eval mode)")
+    ax.set_ylabel("validation bits per byte")
+    ax.set_title(f"Quality vs balance ({len(seeds)} seed{'s' if len(seeds) > 1 else ''}"
+                 + (": mean, min-max bars)" if len(seeds) > 1 else ")"))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return _save_figure(plt, fig, path)
+
+
 # (key, file name, drawing function) of each figure ``write_all`` draws
-PLOTS = (("maxvio", "maxvio_batch.png", plot_maxvio), ("heatmap", "load_heatmap.png", plot_load_heatmap))
+PLOTS = (
+    ("maxvio", "maxvio_batch.png", plot_maxvio),
+    ("heatmap", "load_heatmap.png", plot_load_heatmap),
+    ("frontier", "frontier.png", plot_frontier),
+)
 
 
 def write_all(results: dict, out_dir: str | Path) -> dict[str, Path]:

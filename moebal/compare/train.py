@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -39,7 +39,7 @@ from moebal.compare.model import ModelConfig, MoELM
 from moebal.compare.policies import DEFAULT_POLICIES, Policy, parse_policy
 from moebal.stats import BalanceMeter, max_violation
 
-__all__ = ["CompareConfig", "train_policy", "run_compare"]
+__all__ = ["CompareConfig", "train_policy", "run_compare", "summarize"]
 
 Progress = Callable[[str], None]
 
@@ -335,10 +335,20 @@ def run_compare(
     policies: list[Policy] | None = None,
     corpus: Corpus | None = None,
     progress: Progress | None = None,
+    seeds: list[int] | None = None,
 ) -> dict:
-    """Train every policy and return the full results (what ``results.json`` holds)."""
+    """Train every policy (once per seed) and return the full results (what ``results.json`` holds).
+
+    ``seeds`` (default ``[cfg.seed]``): each seed re-initialises every model and reorders
+    the batches. ``policies`` holds the first seed's runs; with several seeds ``runs``
+    holds every seed's and ``summary`` each policy's mean, sample standard deviation,
+    min and max over the seeds (:func:`summarize`).
+    """
     cfg = cfg or CompareConfig()
     policies = policies or [parse_policy(n) for n in DEFAULT_POLICIES]
+    seeds = [cfg.seed] if seeds is None else list(seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct and at least one, got {seeds!r}")
     check_device(cfg.device)
     start = time.perf_counter()
     corpus = corpus or load_corpus()
@@ -348,12 +358,43 @@ def run_compare(
             f"corpus: {d['train_files']} train files ({d['train_bytes']:,} bytes), "
             f"{d['val_files']} validation files ({d['val_bytes']:,} bytes)"
         )
-    results = [train_policy(p, corpus, cfg, progress) for p in policies]
-    return {
+    runs = []
+    for i, seed in enumerate(seeds):
+        if progress and len(seeds) > 1:
+            progress(f"seed {seed} ({i + 1}/{len(seeds)})")
+        seed_cfg = replace(cfg, seed=seed)
+        runs.append([train_policy(p, corpus, seed_cfg, progress) for p in policies])
+    out = {
         "versions": versions(),
         "device": device_info(cfg.device),
         "config": cfg.to_dict(),
         "corpus": corpus.describe(),
-        "policies": results,
-        "total_seconds": time.perf_counter() - start,
+        "seeds": seeds,
+        "policies": runs[0],
     }
+    if len(seeds) > 1:
+        out["runs"] = runs
+        out["summary"] = summarize(runs)
+    out["total_seconds"] = time.perf_counter() - start
+    return out
+
+
+SUMMARY_KEYS = ("val_bpb", "maxvio_global", "maxvio_global_train_last", "maxvio_batch", "dropped_frac",
+                "overflow_frac_cf1", "tokens_per_s")
+
+
+def summarize(runs: list[list[dict]]) -> list[dict]:
+    """Per policy and measure over the seeds' runs: ``mean``, ``sd`` (sample standard
+    deviation, n - 1; 0 for one seed), ``min``, ``max``."""
+    out = []
+    for i, first in enumerate(runs[0]):
+        stats = {}
+        for key in SUMMARY_KEYS:
+            values = [run[i][key] for run in runs if run[i].get(key) is not None]
+            if not values:
+                continue
+            mean = sum(values) / len(values)
+            var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+            stats[key] = {"mean": mean, "sd": math.sqrt(var), "min": min(values), "max": max(values)}
+        out.append({"name": first["name"], "seeds": len(runs), **stats})
+    return out
