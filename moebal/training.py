@@ -6,7 +6,9 @@
 - :func:`balance_report`: per-layer statistics as a flat dict of Python floats
   (``moe/layer3/max_violation``), ready for ``SummaryWriter.add_scalars``/``wandb.log``.
 - :func:`register_bias_update_hook`: applies ``moebal.update_biases(model)`` after every
-  ``optimizer.step()`` for routers built with ``LossFree(update="manual")``.
+  ``optimizer.step()`` for routers built with ``LossFree(update="manual")``
+  (``swap_ffn(..., router="loss_free", router_kwargs={"update": "manual"})``); at most one
+  per model and optimizer. ``moebal.hf.MoETrainer`` registers it on the Trainer's optimizer.
 
 Why a *post*-step hook: DESIGN fixes the order "update biases after optimizer.step()".
 Both hook kinds run between the backward that counted the loads and the next forward,
@@ -27,7 +29,7 @@ from torch import nn
 from moebal.layer import MoE
 from moebal.router import LossFree, Router, update_biases
 
-__all__ = ["aux_loss", "balance_report", "register_bias_update_hook", "moe_layers"]
+__all__ = ["aux_loss", "balance_report", "register_bias_update_hook", "bias_update_hook_registered", "moe_layers"]
 
 
 def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
@@ -102,20 +104,40 @@ def balance_report(model: nn.Module, prefix: str = "moe") -> dict[str, float]:
 def register_bias_update_hook(optimizer: torch.optim.Optimizer, model: nn.Module, group=None):
     """Run ``moebal.update_biases(model, group)`` after every ``optimizer.step()``.
 
-    For routers built with ``LossFree(update="manual")``. Returns the hook handle
-    (``handle.remove()`` detaches it). Raises ValueError when ``model`` has no such router:
-    routers with ``update="auto"`` already move their bias in every training forward, and
-    a hook on top would hide that the policy is configured twice.
+    For routers built with ``LossFree(update="manual")`` (``swap_ffn(..., router="loss_free",
+    router_kwargs={"update": "manual"})``, ``make_router("loss_free", ..., update="manual")``).
+    Returns the hook handle (``handle.remove()`` detaches it). Raises ValueError when
+    ``model`` has no such router, when some of its loss-free routers have ``update="auto"``
+    (they already move their bias in every training forward; a hook on top would hide that
+    the policy is configured twice), or when a hook for ``model`` is already registered on
+    ``optimizer`` (the biases would move twice per step).
     """
     routers = [m for m in model.modules() if isinstance(m, Router) and m.policy(LossFree) is not None]
     auto = [r for r in routers if r.policy(LossFree).update == "auto"]
-    if not routers or auto:
+    name = type(model).__name__
+    if not routers:
         raise ValueError(
-            f"register_bias_update_hook needs LossFree(update='manual') routers; {type(model).__name__} has "
-            f"{len(routers)} loss-free routers, {len(auto)} of them with update='auto'"
+            f"register_bias_update_hook needs LossFree(update='manual') routers; {name} has 0 loss-free routers"
         )
+    if auto:
+        raise ValueError(
+            f"register_bias_update_hook needs LossFree(update='manual') routers; {name} has {len(routers)} "
+            f"loss-free routers, {len(auto)} of them with update='auto', which move their bias in every training "
+            "forward and need no hook. For updates once per optimizer step build them in manual mode: "
+            "swap_ffn(model, E, K, router='loss_free', router_kwargs={'update': 'manual'}), "
+            "make_router('loss_free', d, E, K, update='manual') or Router(..., balancer=LossFree(update='manual'))"
+        )
+    if bias_update_hook_registered(optimizer, model):
+        raise ValueError(f"a bias update hook for this {name} is already registered on this optimizer")
 
     def _hook(opt, args, kwargs):
         update_biases(model, group)
 
+    _hook.moebal_model = model  # lets a second registration for the same model be refused
     return optimizer.register_step_post_hook(_hook)
+
+
+def bias_update_hook_registered(optimizer: torch.optim.Optimizer, model: nn.Module) -> bool:
+    """Whether :func:`register_bias_update_hook` has a live hook for ``model`` on ``optimizer``."""
+    hooks = getattr(optimizer, "_optimizer_step_post_hooks", {})
+    return any(getattr(h, "moebal_model", None) is model for h in hooks.values())
