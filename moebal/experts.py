@@ -4,7 +4,7 @@ Shape legend: R rows of xs, D model dim, F expert hidden, E experts.
 
 The experts see only the expert-contiguous rows and the plan's group boundaries, so any
 router plugs in without touching them. Weights are stacked ``[E, ...]`` and laid out
-for ``x @ W`` (``w_in_EDH`` with H = 2F for SwiGLU, gate then up; ``w_out_EFD``).
+for ``x @ W`` (``w_in_EDH`` with H = 2F for SwiGLU/GeGLU, gate then up; ``w_out_EFD``).
 Optional per-expert biases ``b_in_EH`` / ``b_out_ED`` (GPT-2-style FFNs) are added to
 each row of its own expert's group.
 """
@@ -19,7 +19,8 @@ from torch import nn
 from moebal.workspace import empty_buffer, pooled_cast
 from moebal.plan import DispatchPlan
 
-__all__ = ["GroupedExperts", "ACTIVATIONS", "EXPERT_PATHS", "activate", "expert_ffn", "grouped_matmul"]
+__all__ = ["GroupedExperts", "ACTIVATIONS", "GATED_ACTIVATIONS", "EXPERT_PATHS", "activate", "hidden_width",
+           "expert_ffn", "grouped_matmul"]
 
 # "loop": per-expert GEMMs into reused buffers (CPU); "grouped": grouped_mm/bmm (GPU,
 # torch.compile); "auto": loop for CPU tensors in eager mode, grouped otherwise;
@@ -27,20 +28,28 @@ __all__ = ["GroupedExperts", "ACTIVATIONS", "EXPERT_PATHS", "activate", "expert_
 # rows by index (moebal.triton_ops.triton_gather_grouped_mm), so xs is never written
 EXPERT_PATHS = ("auto", "loop", "grouped", "fused_gather")
 
-# "gelu" is the exact erf GELU; "gelu_tanh" its tanh approximation (GPT-2's gelu_new)
-ACTIVATIONS = ("swiglu", "gelu", "gelu_tanh")
+# "gelu" is the exact erf GELU; "gelu_tanh" its tanh approximation (GPT-2's gelu_new);
+# "relu" (OPT). The gated ones split h [..., 2F] into gate then up: "swiglu" is
+# silu(gate) * up (Llama), "geglu" is gelu_tanh(gate) * up (Gemma's gelu_pytorch_tanh).
+ACTIVATIONS = ("swiglu", "geglu", "gelu", "gelu_tanh", "relu")
+GATED_ACTIVATIONS = ("swiglu", "geglu")
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
-    """The FFN nonlinearity: SwiGLU splits ``h [..., 2F]`` into gate then up."""
-    if activation == "swiglu":
+    """The FFN nonlinearity: the gated ones (SwiGLU, GeGLU) split ``h [..., 2F]`` into gate then up."""
+    if activation in GATED_ACTIVATIONS:
         gate, up = h.chunk(2, dim=-1)
-        return F.silu(gate) * up
-    if activation == "gelu_tanh":
-        return F.gelu(h, approximate="tanh")
-    return F.gelu(h)
+        return (F.silu(gate) if activation == "swiglu" else F.gelu(gate, approximate="tanh")) * up
+    if activation == "relu":
+        return F.relu(h)
+    return F.gelu(h, approximate=_gelu_kind(activation))
+
+
+def hidden_width(d_ff: int, activation: str) -> int:
+    """Width H of the first projection's output: 2F (gate then up) for a gated activation, else F."""
+    return 2 * d_ff if activation in GATED_ACTIVATIONS else d_ff
 
 
 # torch's fake (meta) kernel of grouped_mm accepts only bf16 (it mirrors the CUDA checks),
@@ -135,7 +144,7 @@ def _spans(offs_E: torch.Tensor) -> list[tuple[int, int]]:
 
 
 def _gelu_kind(activation: str) -> str:
-    return "tanh" if activation == "gelu_tanh" else "none"
+    return "tanh" if activation in ("gelu_tanh", "geglu") else "none"
 
 
 def _split_used(buf: torch.Tensor, sizes: list[int], dim: int = 0) -> list[torch.Tensor]:
@@ -185,22 +194,33 @@ def _linear_into(x_nA, w_AB, b_EB, e: int, out_nB) -> None:
 
 
 def _act_forward(h_nH, s_nF, a_nF, activation: str) -> None:
-    """``a = silu(gate) * up`` keeping ``s = silu(gate)`` (h = [gate | up]), or ``a = gelu(h)``."""
-    if activation == "swiglu":
+    """``a = act(gate) * up`` keeping ``s = act(gate)`` (gated, h = [gate | up]), or ``a = act(h)``."""
+    if activation in GATED_ACTIVATIONS:
         F_ = a_nF.shape[1]
-        torch.ops.aten.silu.out(h_nH[:, :F_], out=s_nF)
+        if activation == "swiglu":
+            torch.ops.aten.silu.out(h_nH[:, :F_], out=s_nF)
+        else:
+            torch.ops.aten.gelu.out(h_nH[:, :F_], approximate="tanh", out=s_nF)
         torch.mul(s_nF, h_nH[:, F_:], out=a_nF)
+    elif activation == "relu":
+        torch.clamp_min(h_nH, 0, out=a_nF)
     else:
         torch.ops.aten.gelu.out(h_nH, approximate=_gelu_kind(activation), out=a_nF)
 
 
 def _act_backward(grad_a_nF, h_nH, s_nF, grad_h_nH, tmp_nF, activation: str) -> None:
-    """``grad_h`` from ``grad_a``: d up = grad_a * silu(gate), d gate = silu'(gate) * grad_a * up."""
-    if activation == "swiglu":
+    """``grad_h`` from ``grad_a``: d up = grad_a * act(gate), d gate = act'(gate) * grad_a * up."""
+    if activation in GATED_ACTIVATIONS:
         F_ = grad_a_nF.shape[1]
+        gate = h_nH[:, :F_]
         torch.mul(grad_a_nF, s_nF, out=grad_h_nH[:, F_:])
         torch.mul(grad_a_nF, h_nH[:, F_:], out=tmp_nF)
-        torch.ops.aten.silu_backward.grad_input(tmp_nF, h_nH[:, :F_], grad_input=grad_h_nH[:, :F_])
+        if activation == "swiglu":
+            torch.ops.aten.silu_backward.grad_input(tmp_nF, gate, grad_input=grad_h_nH[:, :F_])
+        else:
+            torch.ops.aten.gelu_backward.grad_input(tmp_nF, gate, approximate="tanh", grad_input=grad_h_nH[:, :F_])
+    elif activation == "relu":  # F.relu's gradient: zero where h <= 0
+        torch.ops.aten.threshold_backward.grad_input(grad_a_nF, h_nH, 0, grad_input=grad_h_nH)
     else:
         torch.ops.aten.gelu_backward.grad_input(grad_a_nF, h_nH, approximate=_gelu_kind(activation),
                                                 grad_input=grad_h_nH)
@@ -211,7 +231,7 @@ class _LoopExperts(torch.autograd.Function):
 
     ``bounds`` holds per expert ``(first row, rows in use, end of its block)``; rows of a
     block past the rows in use (capacity padding) and rows past the last block come out
-    zero, with zero gradient. SwiGLU saves ``silu(gate)`` so the backward needs no exp.
+    zero, with zero gradient. A gated activation saves ``act(gate)`` so the backward needs no exp.
     """
 
     @staticmethod
@@ -219,11 +239,11 @@ class _LoopExperts(torch.autograd.Function):
         R, D = xs_RD.shape
         H, F_ = w_in_EDH.shape[2], w_out_EFD.shape[1]
         dtype, device = xs_RD.dtype, xs_RD.device
-        swiglu = activation == "swiglu"
+        gated = activation in GATED_ACTIVATIONS
         sizes = _split_sizes(bounds, R)
         h_RH = empty_buffer((R, H), dtype, device)
         a_RF = empty_buffer((R, F_), dtype, device)
-        s_RF = empty_buffer((R, F_), dtype, device) if swiglu else None  # silu(gate)
+        s_RF = empty_buffer((R, F_), dtype, device) if gated else None  # act(gate)
         ys_RD = empty_buffer((R, D), dtype, device)
         xs_p, h_p, a_p, ys_p = (_split_used(t, sizes) for t in (xs_RD, h_RH, a_RF, ys_RD))
         w_in, w_out = w_in_EDH.unbind(0), w_out_EFD.unbind(0)
@@ -233,7 +253,7 @@ class _LoopExperts(torch.autograd.Function):
             for e in range(e0, e1):
                 if xs_p[e].shape[0]:
                     _linear_into(xs_p[e], w_in[e], b_in_EH, e, h_p[e])
-            _act_forward(h_RH[r0:r1], s_RF[r0:r1] if swiglu else None, a_RF[r0:r1], activation)
+            _act_forward(h_RH[r0:r1], s_RF[r0:r1] if gated else None, a_RF[r0:r1], activation)
             for e in range(e0, e1):
                 if xs_p[e].shape[0]:
                     _linear_into(a_p[e], w_out[e], b_out_ED, e, ys_p[e])
@@ -251,7 +271,7 @@ class _LoopExperts(torch.autograd.Function):
         R, D = xs_RD.shape
         E, H, F_ = w_in_EDH.shape[0], w_in_EDH.shape[2], w_out_EFD.shape[1]
         dtype, device = xs_RD.dtype, xs_RD.device
-        swiglu = ctx.activation == "swiglu"
+        gated = ctx.activation in GATED_ACTIVATIONS
         need_xs, need_w_in, need_w_out, need_b_in, need_b_out = ctx.needs_input_grad[:5]
         need_b_in, need_b_out = need_b_in and ctx.has_b_in, need_b_out and ctx.has_b_out
         need_h = need_xs or need_w_in or need_b_in
@@ -265,7 +285,7 @@ class _LoopExperts(torch.autograd.Function):
         max_rows = max((r1 - r0 for _, _, r0, r1 in blocks), default=0)
         grad_a_all = empty_buffer((max_rows, F_), dtype, device)
         grad_h_all = empty_buffer((max_rows, H), dtype, device)
-        tmp_all = empty_buffer((max_rows, F_), dtype, device) if swiglu else None
+        tmp_all = empty_buffer((max_rows, F_), dtype, device) if gated else None
         g_ys_p = _split_used(grad_ys_RD, sizes)
         xs_t_p = _split_used(xs_RD.t(), sizes, dim=1)  # [D, n] views
         a_t_p = _split_used(a_RF.t(), sizes, dim=1)  # [F, n] views
@@ -298,8 +318,8 @@ class _LoopExperts(torch.autograd.Function):
                 continue
             rows = r1 - r0
             grad_h = grad_h_all[:rows]
-            _act_backward(grad_a_all[:rows], h_RH[r0:r1], s_RF[r0:r1] if swiglu else None, grad_h,
-                          tmp_all[:rows] if swiglu else None, ctx.activation)
+            _act_backward(grad_a_all[:rows], h_RH[r0:r1], s_RF[r0:r1] if gated else None, grad_h,
+                          tmp_all[:rows] if gated else None, ctx.activation)
             for e, off in zip(range(e0, e1), offsets):
                 n = g_ys_p[e].shape[0]
                 if n == 0:
@@ -362,7 +382,7 @@ def expert_ffn(
 
     Args:
         xs_RD: ``[R, D]`` rows in the plan's layout (the dispatch output).
-        w_in_EDH: ``[E, D, H]``, H = 2F for SwiGLU (gate then up), F otherwise.
+        w_in_EDH: ``[E, D, H]``, H = 2F for SwiGLU/GeGLU (gate then up), F otherwise.
         w_out_EFD: ``[E, F, D]``.
         plan: the DispatchPlan that laid out ``xs``.
         activation: one of ``ACTIVATIONS``.
@@ -392,7 +412,8 @@ def expert_ffn(
 
 
 class GroupedExperts(nn.Module):
-    """E experts, SwiGLU (``silu(x W_gate) * (x W_up) W_out``) or GELU (``gelu(x W_in) W_out``).
+    """E experts, gated (SwiGLU ``silu(x W_gate) * (x W_up) W_out``, GeGLU with a tanh-GELU gate)
+    or not (``act(x W_in) W_out`` with GELU, tanh GELU or ReLU).
 
     ``bias=True`` adds ``b_in_EH`` after the first GEMM and ``b_out_ED`` after the second.
     ``path`` picks the GEMM strategy (see ``expert_ffn``); a plain attribute, settable.
@@ -411,7 +432,7 @@ class GroupedExperts(nn.Module):
             raise ValueError(f"path must be one of {EXPERT_PATHS}, got {path!r}")
         self.path = path
         self.d_model, self.d_ff, self.num_experts, self.activation = d_model, d_ff, num_experts, activation
-        hidden = 2 * d_ff if activation == "swiglu" else d_ff
+        hidden = hidden_width(d_ff, activation)
         factory = dict(device=device, dtype=dtype)
         self.w_in_EDH = nn.Parameter(torch.empty(num_experts, d_model, hidden, **factory))
         self.w_out_EFD = nn.Parameter(torch.empty(num_experts, d_ff, d_model, **factory))

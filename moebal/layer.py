@@ -13,7 +13,7 @@ from torch import nn
 
 from moebal.backend import BACKENDS, resolve_backend
 from moebal.dispatch import combine_rows, dispatch_rows
-from moebal.experts import ACTIVATIONS, GroupedExperts, activate
+from moebal.experts import ACTIVATIONS, GroupedExperts, activate, hidden_width
 from moebal.plan import DROP_POLICIES, build_plan
 from moebal.router import Router, make_router
 from moebal.stats import BalanceStats
@@ -31,7 +31,7 @@ class DenseFFN(nn.Module):
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         self.activation = activation
-        hidden = 2 * d_ff if activation == "swiglu" else d_ff
+        hidden = hidden_width(d_ff, activation)
         self.w_in = nn.Linear(d_model, hidden, bias=False, device=device, dtype=dtype)
         self.w_out = nn.Linear(d_ff, d_model, bias=False, device=device, dtype=dtype)
 
@@ -59,7 +59,8 @@ class MoE(nn.Module):
             shape stays static, no host sync): padding takes no seat but sizes the buffer.
         num_shared_experts: dense experts every token passes through (DeepSeek), run as
             one FFN of hidden ``num_shared_experts * d_ff``.
-        activation: ``"swiglu"``, ``"gelu"`` (exact) or ``"gelu_tanh"`` (tanh approximation).
+        activation: ``"swiglu"``, ``"geglu"`` (tanh-GELU gate, Gemma), ``"gelu"`` (exact),
+            ``"gelu_tanh"`` (tanh approximation) or ``"relu"``.
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` for dispatch/combine.
         drop_policy: which pairs an overflowing expert drops: ``"position"`` (keeps the
             earliest tokens) or ``"weight"`` (drops the lowest routing weights).

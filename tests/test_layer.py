@@ -227,7 +227,7 @@ def test_nonfinite_input_is_flagged_and_visible():
         (dict(router="sinkhorn"), ValueError, "router"),
         (dict(capacity_factor=0), ValueError, "capacity_factor"),
         (dict(capacity_factor=float("nan")), ValueError, "capacity_factor"),
-        (dict(activation="relu"), ValueError, "activation"),
+        (dict(activation="tanh"), ValueError, "activation"),  # relu is an expert activation now (OPT)
         (dict(backend="cuda"), ValueError, "backend"),
         (dict(num_shared_experts=-1), ValueError, "num_shared_experts"),
         (dict(drop_policy="random"), ValueError, "drop_policy"),

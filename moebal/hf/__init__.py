@@ -1,7 +1,8 @@
 """Hugging Face transformers integration: put moebal into existing models.
 
 - :func:`swap_ffn` replaces dense FFNs with ``moebal.MoE`` layers, optionally sparse-
-  upcycled so the model's output is unchanged at initialisation.
+  upcycled so the model's output is unchanged at initialisation; :func:`register_ffn`
+  describes an FFN it does not know (:class:`FFNPattern`).
 - :func:`convert_moe_blocks` / :func:`restore_moe_blocks` (and the per-block
   :func:`from_hf_moe_block` / :func:`to_hf_moe_block`) turn transformers' own MoE blocks
   (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3) into ``moebal.MoE`` and back, bit-exact
@@ -21,7 +22,8 @@ describe the MoE layers, so ``from_pretrained`` alone cannot rebuild them.
 from moebal.hf._keys import ConversionError
 from moebal.hf._models import Replacement, SwapReport
 from moebal.hf.blocks import convert_moe_blocks, from_hf_moe_block, restore_moe_blocks, to_hf_moe_block
-from moebal.hf.swap import MoEWithDropout, swap_ffn
+from moebal.hf.ffn_patterns import FFNPattern, ffn_patterns, register_ffn, unregister_ffn
+from moebal.hf.swap import MoEWithDropout, MoEWithResidual, swap_ffn
 from moebal.hf.tokens import TokenSource, attach_token_source, detach_token_source
 
 __all__ = [
@@ -31,6 +33,11 @@ __all__ = [
     "from_hf_moe_block",
     "to_hf_moe_block",
     "MoEWithDropout",
+    "MoEWithResidual",
+    "register_ffn",
+    "unregister_ffn",
+    "ffn_patterns",
+    "FFNPattern",
     "attach_token_source",
     "detach_token_source",
     "TokenSource",

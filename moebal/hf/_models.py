@@ -5,6 +5,7 @@ the activation modules) are looked up lazily, so ``import moebal`` works without
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -69,12 +70,16 @@ def set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
 def activation_name(act: nn.Module) -> str | None:
     """moebal's name for a transformers/torch activation module, or None when moebal has none.
 
-    ``"silu"`` (for gated SwiGLU MLPs), ``"gelu"`` (exact erf) or ``"gelu_tanh"``. GPT-2's
-    ``gelu_new`` is the tanh formula written out in Python; moebal computes it with
-    ``F.gelu(approximate="tanh")``, equal to it within a few fp32 ulps (not bit-exact).
+    ``"silu"`` (the gate of SwiGLU MLPs), ``"gelu"`` (exact erf), ``"gelu_tanh"`` (also the
+    gate of GeGLU MLPs) or ``"relu"``. GPT-2's ``gelu_new``, ``gelu_fast`` and Bloom's GELU
+    are the tanh formula written out in Python (Bloom's with sqrt(2/pi) rounded to
+    0.79788456, a relative 1e-9 off); moebal computes it with ``F.gelu(approximate="tanh")``,
+    equal to them within a few fp32 ulps (not bit-exact).
     """
     if isinstance(act, nn.SiLU):
         return "silu"
+    if isinstance(act, nn.ReLU):
+        return "relu"
     if isinstance(act, nn.GELU):
         return {"none": "gelu", "tanh": "gelu_tanh"}.get(act.approximate)
     try:
@@ -85,6 +90,9 @@ def activation_name(act: nn.Module) -> str | None:
         return "silu"
     if isinstance(act, A.GELUActivation):
         return "gelu"
-    if isinstance(act, (A.NewGELUActivation, A.GELUTanh)):
+    if isinstance(act, (A.NewGELUActivation, A.GELUTanh, A.FastGELUActivation)):
+        return "gelu_tanh"
+    bloom = sys.modules.get("transformers.models.bloom.modeling_bloom")  # loaded if a BloomGelu exists
+    if bloom is not None and isinstance(act, bloom.BloomGelu):
         return "gelu_tanh"
     return None
