@@ -27,6 +27,8 @@ from moebal.hf.swap import MoEWithDropout, MoEWithResidual, swap_ffn
 from moebal.hf.tokens import TokenSource, attach_token_source, detach_token_source
 
 __all__ = [
+    "MoETrainer",
+    "MoETrainerMixin",
     "swap_ffn",
     "convert_moe_blocks",
     "restore_moe_blocks",
@@ -45,3 +47,11 @@ __all__ = [
     "Replacement",
     "ConversionError",
 ]
+
+
+def __getattr__(name):  # MoETrainer imports transformers.Trainer (and accelerate): only when asked for
+    if name in ("MoETrainer", "MoETrainerMixin"):
+        from moebal.hf import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
