@@ -453,3 +453,14 @@ def test_router_kwargs_errors_leave_the_model_alone():
                              router_kwargs={"alpha": 0.05, "renormalize": False, "z_loss": 1e-3})
     r = model.get_submodule(report.replaced[1].path).router
     assert r.balancer.alpha == 0.05 and not r.renormalize and r.z_loss == 1e-3
+
+
+def test_swap_with_null_experts_and_a_named_router():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    model = transformers.LlamaForCausalLM(cfg)
+    moebal.swap_ffn(model, num_experts=4, top_k=2, upcycle=False, num_null_experts=2, null_expert="identity")
+    layer = model.model.layers[0].mlp
+    assert layer.router.num_null_experts == 2 and layer.null_expert == "identity"
+    model(torch.randint(0, 64, (2, 5))).logits.sum().backward()

@@ -13,15 +13,17 @@
 transformers itself is imported lazily (only to recognise its module classes), so this
 package imports without it.
 
-Saving and loading a swapped model: rebuild the same architecture (load the dense model,
-call ``swap_ffn`` with the same arguments, ``upcycle=False`` suffices) and
-``load_state_dict`` the saved state; router biases and counters are buffers and travel
-with it. ``save_pretrained`` writes the swapped weights too, but the HF config does not
-describe the MoE layers, so ``from_pretrained`` alone cannot rebuild them.
+Saving and loading: ``moebal.hf.save_pretrained(model, path)`` records the swap in
+``config.json`` and ``moebal.hf.from_pretrained(path)`` rebuilds the model bit for bit
+(biases and counters included); ``to_native(model)`` gives the native HF MoE architecture
+(Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3) that any loader serves without moebal.
+Plain ``transformers`` loading of a moebal checkpoint gives the dense model (see
+:mod:`moebal.hf.native`).
 """
 from moebal.hf._keys import ConversionError
 from moebal.hf._models import Replacement, SwapReport
 from moebal.hf.blocks import convert_moe_blocks, from_hf_moe_block, restore_moe_blocks, to_hf_moe_block
+from moebal.hf.native import from_pretrained, save_pretrained, to_native
 from moebal.hf.ffn_patterns import FFNPattern, ffn_patterns, register_ffn, unregister_ffn
 from moebal.hf.swap import MoEWithDropout, MoEWithResidual, swap_ffn
 from moebal.hf.tokens import TokenSource, attach_token_source, detach_token_source
@@ -30,6 +32,9 @@ __all__ = [
     "MoETrainer",
     "MoETrainerMixin",
     "swap_ffn",
+    "to_native",
+    "save_pretrained",
+    "from_pretrained",
     "convert_moe_blocks",
     "restore_moe_blocks",
     "from_hf_moe_block",

@@ -104,7 +104,9 @@ def _upcycle_rules(spec: DenseSpec, num_experts: int) -> list[Rule]:
     return rules
 
 
-def _router_for(router, d_model: int, num_experts: int, top_k: int, upcycle: bool, router_kwargs: dict) -> Router:
+def _router_for(
+    router, d_model: int, num_experts: int, top_k: int, upcycle: bool, router_kwargs: dict, num_null_experts=None
+) -> Router:
     if isinstance(router, Router):  # a template: each layer gets its own copy with a fresh gate
         r = copy.deepcopy(router)
         r.gate.reset_parameters()
@@ -116,7 +118,7 @@ def _router_for(router, d_model: int, num_experts: int, top_k: int, upcycle: boo
         options = dict(router_kwargs)
         if upcycle:  # an explicit renormalize=False is the user's and is refused below
             options.setdefault("renormalize", True)
-        r = make_router(router, d_model, num_experts, top_k, **options)
+        r = make_router(router, d_model, num_experts, top_k, num_null_experts=num_null_experts, **options)
     make_router(r, d_model, num_experts, top_k)  # validates the sizes
     if upcycle and (not r.renormalize or r.scale != 1.0):
         raise ConversionError(
@@ -146,7 +148,7 @@ def _build_moe(spec: DenseSpec, num_experts, top_k, router, upcycle, moe_kwargs,
                 + ", ".join(f"{k}={v!r} (dense: {want!r})" for k, (v, want) in wrong.items())
                 + "; pass upcycle=False for freshly initialised experts"
             )
-    r = _router_for(router, spec.d_model, num_experts, top_k, upcycle, router_kwargs)
+    r = _router_for(router, spec.d_model, num_experts, top_k, upcycle, router_kwargs, kw.get("num_null_experts"))
     args = (spec.d_model, d_ff, num_experts, top_k)
     if spec.residual:
         return MoEWithResidual(*args, router=r, activation=activation, ffn_bias=ffn_bias, dropout=spec.dropout, **kw)
