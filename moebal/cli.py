@@ -126,7 +126,7 @@ def _redraw(args, parser) -> int:
     """``moebal compare --plot results.json``: the table and the plots from a saved run."""
     from pathlib import Path
 
-    from moebal.compare.report import PLOTS, check_out_dir, format_table
+    from moebal.compare.report import PLOTS, check_out_dir, format_table, write_report
 
     path = Path(args.plot)
     try:
@@ -144,6 +144,11 @@ def _redraw(args, parser) -> int:
         parser.error(f"argument --out: {err}")
     print(table, flush=True)
     written = []
+    try:
+        written.append(write_report(results, out_dir / "report.md"))
+    except (OSError, KeyError, TypeError, ValueError) as err:
+        print(f"moebal compare: error: could not write report.md from {path}: {err}", file=sys.stderr)
+        return 1
     for _, name, plot in PLOTS:
         try:
             written.append(plot(results, out_dir / name))
@@ -198,14 +203,16 @@ def _run_compare(args, parser) -> int:
 
 def _write_compare(results: dict, out_dir, plots: bool, progress) -> int:
     """results.json, then the plots drawn from it; a failed write is one error line and status 1."""
-    from moebal.compare.report import PLOTS, write_results
+    from moebal.compare.report import PLOTS, write_report, write_results
 
     written = []
     target = out_dir / "results.json"
     try:
         written.append(write_results(results, target))
+        saved = json.loads(target.read_text())
+        target = out_dir / "report.md"
+        written.append(write_report(saved, target))
         if plots:
-            saved = json.loads(target.read_text())
             for _, name, plot in PLOTS:
                 target = out_dir / name
                 written.append(plot(saved, target))

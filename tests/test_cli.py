@@ -109,10 +109,40 @@ def test_seeds_summarise_and_plot_redraws_from_the_json(tmp_path, capsys):
     assert redrawn.out.splitlines()[0].startswith("policy") and " ± " in redrawn.out
     for name in ("maxvio_batch.png", "load_heatmap.png", "frontier.png"):
         assert (tmp_path / "run" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert report.startswith("# moebal compare") and "| policy |" in report and "frontier.png" in report
+    assert "3 seeds" in report and "cannot be told apart" in report
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     code, out = _exit_code(["compare", "--plot", str(bad)], capsys)
     assert code == 2 and "not a moebal compare results.json" in out.err
+
+
+def test_frontier_and_reading_by_hand():
+    from moebal.compare.report import frontier, reading
+
+    def pol(name, bpb, vio):
+        return {"name": name, "val_bpb": bpb, "maxvio_global": vio}
+
+    results = {"config": {"seed": 0}, "policies": [
+        pol("aux-1e-2", 2.85, 0.90), pol("aux-1e-3", 2.96, 1.79), pol("loss-free", 2.95, 1.90),
+        pol("loss-free-prop", 2.93, 0.48), pol("base", 2.97, 2.40),
+    ]}
+    # aux-1e-3, loss-free and base are each beaten on both measures by loss-free-prop
+    assert frontier(results) == ["aux-1e-2", "loss-free-prop"]
+    text = reading(results)
+    assert "frontier" in text and "aux-1e-2, loss-free-prop" in text and "One seed" in text
+    assert "loss-free-prop vs aux-1e-3" in text  # lower MaxVio_global at better bpb
+    results["policies"][3]["val_bpb"] = 2.99  # now worse than both aux policies in bpb
+    results["policies"][2]["maxvio_global"] = 1.95
+    assert "does not appear" in reading(results)
+
+
+def test_policies_all_is_every_family():
+    from moebal.compare.policies import ALL_POLICIES, parse_policies
+
+    assert [p.name for p in parse_policies("all")] == list(ALL_POLICIES)
+    assert {"hash-4gram", "limoe", "vmoe", "null-4", "loss-free+seq", "none"} <= set(ALL_POLICIES)
 
 
 def test_within_spread_by_hand():
@@ -218,7 +248,7 @@ def test_compare_prints_the_table_and_keeps_results_json_when_a_plot_cannot_be_w
     assert [p["name"] for p in saved["policies"]] == ["aux-1e-3"]
     error_lines = [line for line in streams.err.splitlines() if "error:" in line]
     assert len(error_lines) == 1 and "maxvio_batch.png" in error_lines[0]
-    assert sorted(p.name for p in out.iterdir()) == ["maxvio_batch.png", "results.json"]  # no temp files left
+    assert sorted(p.name for p in out.iterdir()) == ["maxvio_batch.png", "report.md", "results.json"]  # no temp files
     assert (out / "maxvio_batch.png").is_dir()
 
 
@@ -226,7 +256,7 @@ def test_compare_replaces_results_atomically(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     out = tmp_path / "run"
     out.mkdir()
-    names = ("results.json", "maxvio_batch.png", "load_heatmap.png", "frontier.png")
+    names = ("results.json", "maxvio_batch.png", "load_heatmap.png", "frontier.png", "report.md")
     for name in names:
         (out / name).write_text("old " + name)
     readers = {name: open(out / name) for name in names}  # noqa: SIM115 (closed below)
@@ -239,8 +269,9 @@ def test_compare_replaces_results_atomically(tmp_path, capsys):
         for reader in readers.values():
             reader.close()
     assert json.loads((out / "results.json").read_text())["policies"][0]["name"] == "aux-1e-3"
-    for name in names[1:]:
+    for name in names[1:-1]:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "report.md").read_text().startswith("# moebal compare")
     assert sorted(p.name for p in out.iterdir()) == sorted(names)
     mode = (out / "results.json").stat().st_mode & 0o777
     umask = os.umask(0)

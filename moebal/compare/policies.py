@@ -28,9 +28,14 @@ import torch
 
 import moebal
 
-__all__ = ["Policy", "parse_policy", "parse_policies", "DEFAULT_POLICIES", "POLICY_NAMES"]
+__all__ = ["Policy", "parse_policy", "parse_policies", "DEFAULT_POLICIES", "ALL_POLICIES", "POLICY_NAMES"]
 
 DEFAULT_POLICIES = ("aux-1e-2", "aux-1e-3", "loss-free", "base")
+# ``--policies all``: every family, each at its default setting
+ALL_POLICIES = (
+    "aux-1e-2", "aux-1e-3", "loss-free", "loss-free-prop", "loss-free-center", "loss-free+seq", "limoe", "vmoe",
+    "hash", "hash-4gram", "null-4", "base", "none",
+)
 POLICY_NAMES = {
     "aux-<alpha>": "softmax + Switch aux loss (aux-1e-2, aux-1e-3)",
     "loss-free[-<rate>]": "sigmoid + loss-free bias, sign step (default rate 1e-3)",
@@ -44,7 +49,7 @@ POLICY_NAMES = {
     "base": "BASE balanced assignment (training), greedy top-k (eval)",
     "none": "softmax top-k, no balancing",
 }
-NAMES_HELP = ", ".join(POLICY_NAMES)
+NAMES_HELP = ", ".join(POLICY_NAMES) + "; or all"
 HASH_BUCKETS = 1 << 16  # n-gram buckets (unigram: the 256 byte values)
 
 
@@ -146,6 +151,8 @@ def parse_policy(name: str) -> Policy:
 
 def parse_policies(text: str) -> list[Policy]:
     """Parse a comma list of policy names; rejects empty lists and duplicates."""
+    if text.strip().lower() == "all":
+        return [parse_policy(n) for n in ALL_POLICIES]
     names = [part for part in (p.strip() for p in text.split(",")) if part]
     if not names:
         raise ValueError(f"no policy given; known: {NAMES_HELP}")

@@ -19,7 +19,8 @@ from typing import Callable
 
 __all__ = [
     "format_table", "format_markdown_table", "check_out_dir", "write_results", "plot_maxvio",
-    "plot_load_heatmap", "plot_frontier", "within_spread", "write_all",
+    "plot_load_heatmap", "plot_frontier", "within_spread", "frontier", "reading", "format_report", "write_report",
+    "write_all",
 ]
 
 _COLUMNS = (
@@ -287,6 +288,93 @@ def plot_frontier(results: dict, path: str | Path) -> Path:
     return _save_figure(plt, fig, path)
 
 
+def _points(results: dict) -> list[tuple[str, float, float]]:
+    """(policy, val bpb, MaxVio_global): seed means when there are several seeds."""
+    if results.get("summary"):
+        return [(st["name"], st["val_bpb"]["mean"], st["maxvio_global"]["mean"]) for st in results["summary"]]
+    return [(p["name"], p["val_bpb"], p["maxvio_global"]) for p in results["policies"]]
+
+
+def frontier(results: dict) -> list[str]:
+    """The policies no other policy beats on both validation bpb and MaxVio_global (lower
+    is better on both): the quality-vs-balance frontier, best bpb first."""
+    pts = _points(results)
+    keep = [
+        (name, bpb, vio) for name, bpb, vio in pts
+        if not any(b2 <= bpb and v2 <= vio and (b2 < bpb or v2 < vio) for _, b2, v2 in pts)
+    ]
+    return [name for name, _, _ in sorted(keep, key=lambda t: t[1])]
+
+
+def reading(results: dict) -> str:
+    """A one-paragraph reading of a run, generated from its numbers."""
+    pts = {name: (bpb, vio) for name, bpb, vio in _points(results)}
+    seeds = results.get("seeds") or [results["config"].get("seed")]
+    best_bpb = min(pts, key=lambda n: pts[n][0])
+    best_vio = min(pts, key=lambda n: pts[n][1])
+    front = frontier(results)
+    parts = [
+        f"On the quality-vs-balance frontier (no policy has both lower validation bpb and lower MaxVio_global): "
+        f"{', '.join(front)}.",
+        f"Lowest validation loss: {best_bpb} ({pts[best_bpb][0]:.4f} bpb); most balanced on the held-out files: "
+        f"{best_vio} (MaxVio_global {pts[best_vio][1]:.3f}).",
+    ]
+    if len(seeds) > 1:
+        close = within_spread(results)
+        parts.append(
+            f"Over {len(seeds)} seeds, these pairs differ in validation bpb by less than their seed spread and "
+            f"cannot be told apart: {'; '.join(f'{a} ~ {b}' for a, b in close) if close else 'none'}."
+        )
+    else:
+        parts.append("One seed: no spread was measured, so small bpb differences may be noise (run --seeds 3).")
+    free = [n for n in pts if n.startswith("loss-free")]
+    aux = [n for n in pts if n.startswith("aux-")]
+    if free and aux:
+        wins = [
+            (f, a) for f in free for a in aux
+            if pts[f][1] < pts[a][1] and (pts[f][0] <= pts[a][0] or (f, a) in within_spread(results)
+                                          or (a, f) in within_spread(results))
+        ]
+        if wins:
+            parts.append(
+                "The loss-free paper's direction (lower MaxVio_global at equal or better bpb) appears for: "
+                + "; ".join(f"{f} vs {a}" for f, a in wins) + "."
+            )
+        else:
+            parts.append("The loss-free paper's direction (lower MaxVio_global at equal or better bpb than the aux "
+                         "loss) does not appear in this run.")
+    return " ".join(parts)
+
+
+def format_report(results: dict) -> str:
+    """``report.md``: the table, what was measured, the pictures and the reading."""
+    cfg = results["config"]
+    lines = [
+        f"# moebal compare: {len(results['policies'])} policies, {cfg['steps']} steps, "
+        f"{len(results.get('seeds') or [cfg.get('seed')])} seed(s)",
+        "",
+        format_markdown_table(results),
+        "",
+        _footnote(results) + _seed_note(results).replace("\n", " "),
+        "",
+        reading(results),
+        "",
+        "![quality vs balance](frontier.png)",
+        "![MaxVio_batch over training steps](maxvio_batch.png)",
+        "![per-layer validation load](load_heatmap.png)",
+        "",
+        f"Total time: {results.get('total_seconds', 0):.0f} s. Numbers: results.json (redraw with "
+        "`moebal compare --plot results.json`).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_report(results: dict, path: str | Path) -> Path:
+    text = format_report(results)
+    return _write_atomic(Path(path), lambda f: f.write(text.encode()))
+
+
 # (key, file name, drawing function) of each figure ``write_all`` draws
 PLOTS = (
     ("maxvio", "maxvio_batch.png", plot_maxvio),
@@ -300,7 +388,7 @@ def write_all(results: dict, out_dir: str | Path) -> dict[str, Path]:
     out_dir = Path(out_dir)
     json_path = write_results(results, out_dir / "results.json")
     saved = json.loads(json_path.read_text())
-    paths = {"json": json_path}
+    paths = {"json": json_path, "report": write_report(saved, out_dir / "report.md")}
     for key, name, plot in PLOTS:
         paths[key] = plot(saved, out_dir / name)
     return paths

@@ -240,6 +240,8 @@ def train_policy(policy: Policy, corpus: Corpus, cfg: CompareConfig, progress: P
     train_seconds = time.perf_counter() - start
 
     eval_start = time.perf_counter()
+    if progress:
+        progress(f"[{policy.name}] evaluating: {cfg.val_tokens:,} validation bytes and as many training bytes")
     result = evaluate(model, corpus, cfg)
     eval_seconds = time.perf_counter() - eval_start
     names = [name for name, _ in layers]
