@@ -68,6 +68,9 @@ def _choices(allowed: tuple[str, ...]):
     return parse
 
 
+LONG_STEPS = 2000  # --preset long
+
+
 def _add_compare(sub) -> None:
     from moebal.compare.model import ModelConfig
     from moebal.compare.policies import DEFAULT_POLICIES, NAMES_HELP
@@ -86,8 +89,11 @@ def _add_compare(sub) -> None:
     )
     p.add_argument("--policies", type=_policies, default=",".join(DEFAULT_POLICIES),
                    help=f"comma list of policies (default: %(default)s); names: {NAMES_HELP}")
-    p.add_argument("--steps", type=_positive_int, default=c.steps,
-                   help="training steps per policy (default: %(default)s)")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help=f"training steps per policy (default: {c.steps}; {LONG_STEPS} with --preset long)")
+    p.add_argument("--preset", choices=("default", "long"), default="default",
+                   help=f"'long': {LONG_STEPS} steps, long enough for the loss-free paper's u = 1e-3 "
+                        "(about 25 minutes for the default policies on one thread)")
     p.add_argument("--device", type=_device, default="cpu", help="cpu or cuda (default: %(default)s)")
     p.add_argument("--out", default=None,
                    help="output directory (default: ./moebal-compare; with --plot, the JSON's directory)")
@@ -173,8 +179,9 @@ def _run_compare(args, parser) -> int:
             expert_hidden=args.expert_hidden, top_k=args.top_k, capacity_factor=args.capacity_factor,
             max_seq_len=max(1024, args.seq_len),
         )
+        steps = args.steps if args.steps is not None else (LONG_STEPS if args.preset == "long" else CompareConfig().steps)
         cfg = CompareConfig(
-            steps=args.steps, batch=args.batch, seq_len=args.seq_len, lr=args.lr, val_tokens=args.val_tokens,
+            steps=steps, batch=args.batch, seq_len=args.seq_len, lr=args.lr, val_tokens=args.val_tokens,
             seed=args.seed, device=args.device, log_every=args.log_every, model=model,
         )
     except ValueError as err:

@@ -37,6 +37,7 @@ def test_help_exits_zero(argv, capsys):
         (["compare", "--experts", "4", "--top-k", "8"], "top_k=8 must be <= num_experts=4"),
         (["compare", "--batch", "3", "--seq-len", "5"], "multiple of num_experts"),
         (["compare", "--seeds", "0"], "--seeds: expected a positive integer"),
+        (["compare", "--preset", "short"], "invalid choice: 'short'"),
         (["compare", "--plot", "/nonexistent/results.json"], "argument --plot: cannot read"),
         (["bench", "--configs", "A,Z"], "unknown config(s) Z"),
         (["bench", "--dtypes", "fp64"], "--dtypes: expected a comma list of fp32, bf16"),

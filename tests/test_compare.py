@@ -2,6 +2,7 @@
 import hashlib
 import json
 import math
+import pathlib
 
 import pytest
 import torch
@@ -81,6 +82,22 @@ def test_corpus_from_a_given_root(tmp_path):
     assert b"skipped" not in bytes(c.train.tolist()) + bytes(c.val.tolist())
 
 
+def test_held_out_training_chunks_never_reach_training(corpus):
+    from moebal.compare.corpus import CHUNK, HOLD_AT, HOLD_EVERY
+
+    stream = b"".join(
+        (pathlib.Path(corpus.root) / rel).read_bytes() + b"\x00" for rel in corpus.train_files
+    )
+    chunks = [stream[i:i + CHUNK] for i in range(0, len(stream), CHUNK)]
+    held = [c for i, c in enumerate(chunks) if i % HOLD_EVERY == HOLD_AT]
+    assert bytes(corpus.val_in.tolist()) == b"".join(held)
+    train = bytes(corpus.train.tolist())
+    assert len(train) + len(b"".join(held)) == len(stream)
+    # the training stream is the other chunks, in order: no held-out chunk is in it
+    assert train == b"".join(c for i, c in enumerate(chunks) if i % HOLD_EVERY != HOLD_AT)
+    assert 0.04 < len(corpus.val_in) / len(stream) < 0.06
+
+
 # --- policies and config ------------------------------------------------------------------
 
 
@@ -121,13 +138,15 @@ def test_every_policy_starts_from_the_same_weights():
 
 def test_compare_end_to_end(corpus, tmp_path):
     lines = []
-    results = run_compare(TINY, parse_policies(",".join(DEFAULT_POLICIES)), corpus, progress=lines.append)
+    names = tuple(dict.fromkeys(DEFAULT_POLICIES + ("loss-free", "base")))  # the default set, with these two
+    results = run_compare(TINY, parse_policies(",".join(names)), corpus, progress=lines.append)
     paths = write_all(results, tmp_path)
 
     saved = json.loads(paths["json"].read_text())
-    assert [p["name"] for p in saved["policies"]] == list(DEFAULT_POLICIES)
+    assert [p["name"] for p in saved["policies"]] == list(names)
     for p in saved["policies"]:
-        for key in ("val_bpb", "maxvio_global", "maxvio_batch", "dropped_frac", "tokens_per_s"):
+        for key in ("val_bpb", "val_in_bpb", "maxvio_global", "maxvio_global_in", "maxvio_batch", "dropped_frac",
+                    "tokens_per_s"):
             assert isinstance(p[key], float) and math.isfinite(p[key]) and p[key] >= 0, (p["name"], key)
         assert len(p["history"]["maxvio_batch"]) == TINY.steps
         assert len(p["val_load"]) == TINY_MODEL.layers
@@ -150,8 +169,8 @@ def test_compare_end_to_end(corpus, tmp_path):
         assert paths[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any("[base] step 10/10" in line for line in lines)
     table = format_table(saved)
-    assert all(name in table for name in DEFAULT_POLICIES) and "MaxVio_global" in table
-    assert format_markdown_table(saved).count("\n") == len(DEFAULT_POLICIES) + 1
+    assert all(name in table for name in names) and "MaxVio_global" in table and "MaxVio_in" in table
+    assert format_markdown_table(saved).count("\n") == len(names) + 1
 
 
 def test_router_v2_policy_names():

@@ -7,6 +7,10 @@ code people write). Each file goes to validation when the sha256 of its relative
 path falls in the first ``val_percent`` percent of the hash range, so the split depends on
 the path alone: the same file lands on the same side on every machine and Python version.
 
+The training files' joined stream is cut into 64 KiB chunks and every 20th is held out
+(``val_in``): a validation split from the training distribution, as the loss-free paper
+measures MaxVio_global, next to the held-out files (``val``), which differ in mix.
+
 Tokens are bytes (vocabulary 256). Files are joined with a NUL byte, which never occurs in
 source text, as a document separator.
 
@@ -26,6 +30,9 @@ __all__ = ["Corpus", "load_corpus", "stdlib_files", "is_validation", "SKIP_DIRS"
 # Directory names skipped anywhere under the stdlib root.
 SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
 SEPARATOR = 0  # NUL byte between files
+# validation from the training distribution: chunk i of the joined training files is held
+# out (never trained on) when i % HOLD_EVERY == HOLD_AT, 5 % of the training bytes
+CHUNK, HOLD_EVERY, HOLD_AT = 65536, 20, 7
 
 
 def stdlib_files(root: str | Path | None = None) -> list[str]:
@@ -55,9 +62,10 @@ class Corpus:
     root: str
     train_files: list[str]
     val_files: list[str]
-    train: torch.Tensor  # uint8 [N_train]
-    val: torch.Tensor  # uint8 [N_val]
+    train: torch.Tensor  # uint8 [N_train]: the training files minus the held-out chunks
+    val: torch.Tensor  # uint8 [N_val]: the validation files
     sha256: str  # of both streams, to tell whether two runs saw the same text
+    val_in: torch.Tensor | None = None  # uint8: held-out chunks of the training files (same distribution)
 
     def describe(self) -> dict:
         return {
@@ -67,6 +75,8 @@ class Corpus:
             "val_files": len(self.val_files),
             "train_bytes": int(self.train.numel()),
             "val_bytes": int(self.val.numel()),
+            "val_in_bytes": 0 if self.val_in is None else int(self.val_in.numel()),
+            "val_in_rule": f"chunk i of {CHUNK:,} bytes of the training stream when i % {HOLD_EVERY} == {HOLD_AT}",
             "sha256": self.sha256,
         }
 
@@ -94,11 +104,16 @@ class Corpus:
         evenly spaced over the whole stream so every part of it is represented. Only
         full batches are used (BASE needs a fixed batch size); at least one is returned.
         ``split="train"`` samples the training stream the same way (to tell a shift
-        between the splits from the balance a policy reached).
+        between the splits from the balance a policy reached); ``split="val_in"`` reads
+        the held-out chunks of the training files (validation from the training
+        distribution, never trained on).
         """
-        if split not in ("val", "train"):
-            raise ValueError(f"split must be 'val' or 'train', got {split!r}")
-        windows_WS = _windows(self.val if split == "val" else self.train, seq_len)
+        if split not in ("val", "val_in", "train"):
+            raise ValueError(f"split must be 'val', 'val_in' or 'train', got {split!r}")
+        stream = {"val": self.val, "val_in": self.val_in, "train": self.train}[split]
+        if stream is None:
+            raise ValueError("this corpus has no held-out training chunks (val_in)")
+        windows_WS = _windows(stream, seq_len)
         count = windows_WS.shape[0]
         if max_tokens is not None:
             count = min(count, max(batch, max_tokens // seq_len))
@@ -135,7 +150,11 @@ def load_corpus(root: str | Path | None = None, val_percent: float = 10.0) -> Co
     train_files = [f for f in files if not is_validation(f, val_percent)]
     if not train_files or not val_files:
         raise ValueError(f"corpus under {root} has {len(train_files)} train and {len(val_files)} validation files")
-    train_bytes, val_bytes = _join(root, train_files), _join(root, val_files)
-    digest = hashlib.sha256(train_bytes + b"\x00--split--\x00" + val_bytes).hexdigest()
+    stream, val_bytes = _join(root, train_files), _join(root, val_files)
+    chunks = [stream[i:i + CHUNK] for i in range(0, len(stream), CHUNK)]
+    train_bytes = b"".join(c for i, c in enumerate(chunks) if i % HOLD_EVERY != HOLD_AT)
+    val_in_bytes = b"".join(c for i, c in enumerate(chunks) if i % HOLD_EVERY == HOLD_AT)
+    digest = hashlib.sha256(train_bytes + b"\x00--split--\x00" + val_bytes + b"\x00--in--\x00" + val_in_bytes).hexdigest()
     to_tensor = lambda b: torch.frombuffer(bytearray(b), dtype=torch.uint8)  # noqa: E731
-    return Corpus(str(root), train_files, val_files, to_tensor(train_bytes), to_tensor(val_bytes), digest)
+    return Corpus(str(root), train_files, val_files, to_tensor(train_bytes), to_tensor(val_bytes), digest,
+                  to_tensor(val_in_bytes) if val_in_bytes else None)  # a corpus under 8 chunks holds none out

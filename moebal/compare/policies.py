@@ -30,7 +30,11 @@ import moebal
 
 __all__ = ["Policy", "parse_policy", "parse_policies", "DEFAULT_POLICIES", "ALL_POLICIES", "POLICY_NAMES"]
 
-DEFAULT_POLICIES = ("aux-1e-2", "aux-1e-3", "loss-free", "base")
+# the default run answers "which balancing policy should I use" within 5 minutes: the
+# standard aux loss, the loss-free paper's setting (u = 1e-3, a long-run setting), the
+# loss-free step that catches up in a short run, and V-MoE's losses (the best learned
+# policy in bpb at this length, seeds 0 and 1)
+DEFAULT_POLICIES = ("aux-1e-2", "loss-free", "loss-free-prop", "vmoe")
 # ``--policies all``: every family, each at its default setting
 ALL_POLICIES = (
     "aux-1e-2", "aux-1e-3", "loss-free", "loss-free-prop", "loss-free-center", "loss-free+seq", "limoe", "vmoe",

@@ -26,7 +26,9 @@ __all__ = [
 _COLUMNS = (
     ("policy", "name", "{}"),
     ("val bpb", "val_bpb", "{:.4f}"),
+    ("bpb_in", "val_in_bpb", "{:.4f}"),
     ("MaxVio_global", "maxvio_global", "{:.3f}"),
+    ("MaxVio_in", "maxvio_global_in", "{:.3f}"),
     ("MaxVio_train", "maxvio_global_train_last", "{:.3f}"),
     ("MaxVio_batch", "maxvio_batch", "{:.3f}"),
     ("dropped %", "dropped_frac", "{:.2%}"),
@@ -113,7 +115,8 @@ def _footnote(results: dict) -> str:
     return (
         f"{cfg['steps']} steps x {cfg['batch']}x{cfg['seq_len']} bytes; {m['layers']} layers, d_model {m['d_model']}, "
         f"{m['num_experts']} experts (hidden {m['expert_hidden']}), top-{m['top_k']}, {cap}; "
-        f"MaxVio_global over {results['policies'][0].get('val_tokens', '?')} validation bytes (eval mode); "
+        f"val bpb and MaxVio_global over {results['policies'][0].get('val_tokens', '?')} bytes of the held-out "
+        f"files, bpb_in and MaxVio_in over as many bytes of held-out chunks of the training files (eval mode); "
         f"MaxVio_train (summed counts) and MaxVio_batch (mean per step) over the last "
         f"{round(cfg['last_frac'] * 100)} % of training steps; device {results['device']['device']}, "
         f"{results['device'].get('threads', '?')} thread(s)"

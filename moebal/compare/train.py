@@ -4,9 +4,12 @@ Every policy starts from the same initial weights (the same seed before construc
 and sees the same batches in the same order; only the router's balancer differs.
 
 Measured per policy:
-- ``val_bpb``: validation cross-entropy in bits per byte (model.eval(): BASE routes greedily).
+- ``val_bpb``: validation cross-entropy in bits per byte on the held-out files
+  (model.eval(): BASE routes greedily); ``val_in_bpb`` on held-out chunks of the training
+  files (the training distribution, never trained on).
 - ``maxvio_global``: MaxVio of the expert counts summed over the validation batches,
-  per layer, averaged over layers (Wang et al. 2024).
+  per layer, averaged over layers (Wang et al. 2024), on the held-out files;
+  ``maxvio_global_in`` on the held-out training chunks, where the paper measures it.
 - ``maxvio_batch``: per-step MaxVio of each training batch, averaged over the last 20 %
   of the steps and over layers.
 - ``dropped_frac``: share of routed pairs that the capacity dropped in training (0 when
@@ -169,8 +172,21 @@ def evaluate(model: MoELM, corpus: Corpus, cfg: CompareConfig) -> dict:
         model, corpus.val_batches(cfg.batch, cfg.seq_len, cfg.val_tokens, split="train"), device, train_meter,
         torch.zeros(len(names), E, dtype=torch.float64),
     )
+    in_dist = {}
+    if corpus.val_in is not None:  # held-out chunks of the training files: the training distribution
+        in_meter = BalanceMeter()
+        nats_in, tokens_in = _eval_pass(
+            model, corpus.val_batches(cfg.batch, cfg.seq_len, cfg.val_tokens, split="val_in"), device, in_meter,
+            torch.zeros(len(names), E, dtype=torch.float64),
+        )
+        in_dist = {
+            "val_in_bpb": nats_in / tokens_in / math.log(2),
+            "maxvio_global_in": in_meter.maxvio_global(),
+            "maxvio_global_in_per_layer": [in_meter.maxvio_global(n) for n in names],
+        }
     mean_score_LE = score_sum_LE / tokens
     return {
+        **in_dist,
         "val_loss_nats": nats / tokens,
         "val_bpb": nats / tokens / math.log(2),
         "val_tokens": tokens,
@@ -381,7 +397,7 @@ def run_compare(
     return out
 
 
-SUMMARY_KEYS = ("val_bpb", "maxvio_global", "maxvio_global_train_last", "maxvio_batch", "dropped_frac",
+SUMMARY_KEYS = ("val_bpb", "val_in_bpb", "maxvio_global", "maxvio_global_in", "maxvio_global_train_last", "maxvio_batch", "dropped_frac",
                 "overflow_frac_cf1", "tokens_per_s")
 
 
