@@ -132,7 +132,7 @@ def _redraw(args, parser) -> int:
     """``moebal compare --plot results.json``: the table and the plots from a saved run."""
     from pathlib import Path
 
-    from moebal.compare.report import PLOTS, check_out_dir, format_table, write_report
+    from moebal.compare.report import PLOTS, check_out_dir, format_table, reading, write_report
 
     path = Path(args.plot)
     try:
@@ -149,6 +149,10 @@ def _redraw(args, parser) -> int:
     except ValueError as err:
         parser.error(f"argument --out: {err}")
     print(table, flush=True)
+    try:
+        print("\n" + reading(results), flush=True)
+    except (KeyError, TypeError, ValueError):
+        pass  # an older results.json: the table is all there is to print
     written = []
     try:
         written.append(write_report(results, out_dir / "report.md"))
@@ -204,7 +208,10 @@ def _run_compare(args, parser) -> int:
         results = run_compare(cfg, args.policies, progress=progress, seeds=list(range(args.seed, args.seed + args.seeds)))
     finally:
         torch.set_num_threads(threads_before)
+    from moebal.compare.report import reading
+
     print(format_table(results), flush=True)  # first: the table survives any failed write below
+    print("\n" + reading(results), flush=True)
     return _write_compare(results, out_dir, plots=not args.no_plots, progress=progress)
 
 

@@ -102,6 +102,7 @@ def test_seeds_summarise_and_plot_redraws_from_the_json(tmp_path, capsys):
     assert saved["runs"][0] == saved["policies"]
     assert saved["runs"][0][0]["val_bpb"] != saved["runs"][1][0]["val_bpb"]  # another seed, another run
     assert "3 seeds (5, 6, 7)" in out.out and " ± " in out.out
+    assert "On the quality-vs-balance frontier" in out.out  # the reading follows the table
 
     pytest.importorskip("matplotlib")
     capsys.readouterr()
