@@ -311,3 +311,16 @@ def test_named_routers_take_their_options():
         make_router("loss_free", 8, 4, 2, rat=1e-2)
     with pytest.raises(TypeError, match="named router"):
         make_router(Router(8, 4, 2), 8, 4, 2, rate=1e-2)
+
+
+def test_masks_and_identity_nulls_under_autocast_match_the_kept_tokens_alone():
+    torch.manual_seed(11)
+    moe = moebal.MoE(16, 24, 4, 2, backend="torch", num_null_experts=2, null_expert="identity",
+                     router=Router(16, 4, 2, num_null_experts=2, balancer=moebal.AuxLoss(1e-2)))
+    x, mask, lengths = _masked_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = moe(x, token_mask=mask)
+        alone = [moe(x[b:b + 1, :n])[0] for b, n in enumerate(lengths)]
+    assert y.dtype == torch.bfloat16 and torch.equal(y[~mask], torch.zeros_like(y[~mask]))
+    for b, n in enumerate(lengths):
+        torch.testing.assert_close(y[b, :n], alone[b], rtol=2e-2, atol=2e-2)

@@ -54,7 +54,7 @@ class Policy:
         return logits_TE
 
     def select(self, ctx: "RouteContext") -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError(f"{type(self).__name__} does not select")
+        raise TypeError(f"{type(self).__name__} does not select (selects = False): only a selecting policy picks experts")
 
     def loss(self, ctx: "RouteContext") -> torch.Tensor | None:
         return None
