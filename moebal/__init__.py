@@ -1,6 +1,7 @@
 """moebal: Mixture-of-Experts routing and load balancing for PyTorch."""
 from moebal import functional, parallel, stats, testing
 from moebal.layer import MoE
+from moebal.multitask import ExpertNorm, MultiGateMoE, MultiGateStats, MultiTaskMeter
 from moebal.plan import DispatchPlan
 from moebal.replay import RoutingRecord, record_routing, replay_routing
 from moebal.policies import EntropyLoss, HashRouting, ImportanceLoss, LoadLoss, Policy
@@ -13,6 +14,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MoE",
+    "MultiGateMoE",
+    "MultiGateStats",
+    "MultiTaskMeter",
+    "ExpertNorm",
     "Router",
     "Routing",
     "AuxLoss",
