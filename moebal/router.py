@@ -353,7 +353,7 @@ class Router(nn.Module):
             aux = aux + self.z_loss * R.router_z_loss(ctx.logits_TE, mask=token_mask)
 
         if eager_training and replay is None and torch.is_grad_enabled() and saving_under_hooks() and logits_TE is not None:
-            selection = Selection(T, fingerprint(logits_TE), indices_TK, dict(ctx.remembered))
+            selection = Selection(T, fingerprint(logits_TE), indices_TK, ctx.snapshot())
             weights_TK = self._selections.hold(weights_TK, selection)
         if commits:
             for policy in self.policies:

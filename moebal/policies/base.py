@@ -81,6 +81,7 @@ class RouteContext:
     indices_TK: torch.Tensor | None = None  # set once selected; -1 = no expert
     weights_TK: torch.Tensor | None = None
     remembered: dict = field(default_factory=dict)
+    live: set = field(default_factory=set)  # remembered keys holding module state that moves in place
     _probs: torch.Tensor | None = None
 
     @property
@@ -103,8 +104,16 @@ class RouteContext:
                 self._probs = torch.softmax(nn.functional.logsigmoid(self.logits_TE), -1)
         return self._probs
 
-    def remember(self, key: str, value: torch.Tensor) -> None:
+    def remember(self, key: str, value: torch.Tensor, live: bool = False) -> None:
+        """Keep ``value`` for a checkpoint's recompute. ``live=True`` for module state that
+        moves in place later (a bias): it is copied only when a recompute will need it."""
         self.remembered[key] = value
+        if live:
+            self.live.add(key)
+
+    def snapshot(self) -> dict:
+        """What a recorded selection keeps: the remembered values, live ones copied."""
+        return {k: v.clone() if k in self.live else v for k, v in self.remembered.items()}
 
     def replayed(self, key: str):
         return None if self.replay is None else self.replay.state.get(key)

@@ -75,7 +75,7 @@ class LossFree(Policy):
         bias_E = ctx.replayed("loss_free.bias")
         if bias_E is None:
             bias_E = router.expert_bias
-            ctx.remember("loss_free.bias", bias_E.clone())
+            ctx.remember("loss_free.bias", bias_E, live=True)  # copied only if a recompute needs it
         return R.topk_routing(
             ctx.logits_TE, router.top_k, router.score, bias=bias_E, renormalize=router.renormalize,
             num_groups=router.num_groups, top_groups=router.top_groups,
