@@ -200,10 +200,13 @@ class Router(nn.Module):
     _PERSISTENT_LOCAL = ("load_counts",)  # saved in state_dict under the same key as when it was a buffer
 
     def _apply(self, fn, recurse=True):
-        bias = self.expert_bias
+        # every fp32 policy buffer (the loss-free bias, ReMoE's lambda) stays fp32 under a dtype cast
+        fp32 = {n: self._buffers[n] for n in self.__dict__.get("_policy_buffers", ())
+                if self._buffers.get(n) is not None and self._buffers[n].dtype == torch.float32}
         super()._apply(fn, recurse)
-        if bias is not None and self.expert_bias.dtype != torch.float32:  # a dtype cast: keep fp32, move only
-            self._buffers["expert_bias"] = bias.to(device=self.expert_bias.device)
+        for name, t in fp32.items():
+            if self._buffers[name].dtype != torch.float32:  # a dtype cast: keep fp32, move only
+                self._buffers[name] = t.to(device=self._buffers[name].device)
         for name, t in self._local.items():
             moved = fn(t)
             self._local[name] = moved if moved.dtype == t.dtype else t.to(device=moved.device)
