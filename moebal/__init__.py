@@ -4,7 +4,7 @@ from moebal.layer import MoE
 from moebal.multitask import ExpertNorm, MultiGateMoE, MultiGateStats, MultiTaskMeter
 from moebal.plan import DispatchPlan
 from moebal.replay import RoutingRecord, record_routing, replay_routing
-from moebal.policies import EntropyLoss, HashRouting, ImportanceLoss, LoadLoss, Policy
+from moebal.policies import EntropyLoss, HashRouting, ImportanceLoss, LoadLoss, Policy, ReMoE, TopP
 from moebal.router import AuxLoss, LinearAssignment, LossFree, Router, Routing, update_biases
 from moebal.stats import BalanceStats
 from moebal.hf import swap_ffn  # transformers itself is imported lazily, only when used
@@ -27,6 +27,8 @@ __all__ = [
     "ImportanceLoss",
     "LoadLoss",
     "HashRouting",
+    "TopP",
+    "ReMoE",
     "Policy",
     "update_biases",
     "record_routing",

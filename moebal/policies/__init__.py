@@ -6,8 +6,10 @@ from moebal.policies.hashing import HashRouting
 from moebal.policies.importance import ImportanceLoss, LoadLoss
 from moebal.policies.linear_assignment import LinearAssignment
 from moebal.policies.loss_free import LossFree
+from moebal.policies.remoe import ReMoE
+from moebal.policies.top_p import TopP
 
 __all__ = [
     "Policy", "RouteContext", "AuxLoss", "LossFree", "LinearAssignment", "EntropyLoss", "ImportanceLoss", "LoadLoss",
-    "HashRouting",
+    "HashRouting", "TopP", "ReMoE",
 ]
