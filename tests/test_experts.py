@@ -310,7 +310,7 @@ def test_buffer_pool_best_fit_and_eviction(monkeypatch):
 @pytest.mark.parametrize("cap", [None, 5])
 def test_loop_path_with_small_activation_blocks(monkeypatch, cap):
     """Many row blocks (one expert each or a few): same values and gradients as one block."""
-    from moebal import experts
+    from moebal import experts_loop
 
     idx, _ = random_routing(40, 6, 2, seed=13)
     plan = build_plan(idx, 6, cap)
@@ -319,7 +319,7 @@ def test_loop_path_with_small_activation_blocks(monkeypatch, cap):
     leaves = [xs, w_in, w_out, b_in, b_out]
     outs = []
     for block_bytes in (1 << 30, 1, 8 * 10 * 12):  # one block, one expert per block, ~a few experts
-        monkeypatch.setattr(experts, "_BLOCK_BYTES", block_bytes)
+        monkeypatch.setattr(experts_loop, "_BLOCK_BYTES", block_bytes)
         ys = expert_ffn(xs, w_in, w_out, plan, "swiglu", b_in, b_out, path="loop")
         outs.append([ys] + list(torch.autograd.grad(ys.square().sum(), leaves)))
     for other in outs[1:]:
