@@ -4,7 +4,9 @@ from moebal.layer import MoE
 from moebal.multitask import ExpertNorm, MultiGateMoE, MultiGateStats, MultiTaskMeter
 from moebal.plan import DispatchPlan
 from moebal.replay import RoutingRecord, record_routing, replay_routing
-from moebal.policies import EntropyLoss, HashRouting, ImportanceLoss, LoadLoss, Policy, ReMoE, TopP
+from moebal.policies import (
+    EntropyLoss, ExpertChoice, ExpertThreshold, HashRouting, ImportanceLoss, LoadLoss, Policy, ReMoE, TopP,
+)
 from moebal.router import AuxLoss, LinearAssignment, LossFree, Router, Routing, update_biases
 from moebal.stats import BalanceStats
 from moebal.hf import swap_ffn  # transformers itself is imported lazily, only when used
@@ -29,6 +31,8 @@ __all__ = [
     "HashRouting",
     "TopP",
     "ReMoE",
+    "ExpertChoice",
+    "ExpertThreshold",
     "Policy",
     "update_biases",
     "record_routing",

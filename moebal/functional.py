@@ -2,6 +2,7 @@
 from moebal.assignment import balanced_assignment
 from moebal.dispatch import combine, dispatch
 from moebal.entropy import global_entropy, local_entropy
+from moebal.policies.expert_choice import expert_choice
 from moebal.hash_table import balanced_hash_table, bucket_counts, ngram_buckets
 from moebal.routing import (
     loss_free_update,
@@ -20,6 +21,7 @@ __all__ = [
     "local_entropy",
     "global_entropy",
     "balanced_assignment",
+    "expert_choice",
     "balanced_hash_table",
     "ngram_buckets",
     "bucket_counts",

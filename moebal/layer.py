@@ -14,7 +14,7 @@ from torch import nn
 from moebal.backend import BACKENDS, resolve_backend
 from moebal.dispatch import combine_rows, dispatch_rows
 from moebal.experts import ACTIVATIONS, GroupedExperts, activate, hidden_width
-from moebal.plan import DROP_POLICIES, build_plan
+from moebal.plan import DROP_POLICIES, build_pair_plan, build_plan
 from moebal.router import Router, make_router
 from moebal.stats import BalanceStats
 
@@ -77,6 +77,9 @@ class MoE(nn.Module):
             null pick is never dispatched. None: the router's own (0 for a named router).
         null_expert: what a null pick contributes: ``"zero"`` (nothing) or ``"identity"``
             (``w * x``, its routing weight times the token).
+        causal: the layer sits in a decoder: its ``[B, S, D]`` input is causal sequence
+            data, and a routing that would let a token see later tokens of its sequence
+            (``ExpertChoice(group="batch")``) raises ValueError instead.
         device, dtype: factory kwargs for every parameter, as ``nn.Linear`` takes them
             (the loss-free bias stays fp32 and the counters int64 whatever ``dtype``).
             ``device="meta"``, then ``to_empty(device=...)`` and ``reset_parameters()``,
@@ -120,6 +123,7 @@ class MoE(nn.Module):
         jitter_noise: float = 0.0,
         num_null_experts: int | None = None,
         null_expert: str = "zero",
+        causal: bool = False,
         device=None,
         dtype=None,
     ):
@@ -152,7 +156,16 @@ class MoE(nn.Module):
         if null_expert not in ("zero", "identity"):
             raise ValueError(f"null_expert must be 'zero' or 'identity', got {null_expert!r}")
         self.null_expert = null_expert
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal must be a bool, got {causal!r}")
+        self.causal = causal
         self.router = make_router(router, d_model, num_experts, top_k, num_null_experts=num_null_experts, **factory)
+        selector = self.router.selector
+        if capacity_factor is not None and selector is not None and selector.pair_based:
+            raise ValueError(
+                f"capacity_factor={capacity_factor!r}: {type(selector).__name__} sets each expert's tokens itself "
+                "(its own capacity_factor); leave the layer's capacity_factor None"
+            )
         self.token_source = None  # an object with tokens(shape) -> (mask, ids), set by moebal.hf
         self.experts = GroupedExperts(d_model, d_ff, num_experts, activation, bias=ffn_bias, **factory)
         shared_hidden = shared_d_ff if shared_d_ff is not None else num_shared_experts * d_ff
@@ -178,7 +191,7 @@ class MoE(nn.Module):
         return state
 
     def __setstate__(self, state):
-        for name, default in (("token_source", None), ("null_expert", "zero"), ("jitter_noise", 0.0)):
+        for name, default in (("token_source", None), ("null_expert", "zero"), ("jitter_noise", 0.0), ("causal", False)):
             state.setdefault(name, default)  # a module pickled before these existed
         if "capacity_factor" in state:  # a module pickled before the factor was kept as a ratio
             factor = state.pop("capacity_factor")
@@ -249,7 +262,8 @@ class MoE(nn.Module):
         seq_len = shape[-2] if x.dim() >= 3 else None
         flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
         routing = self.router(
-            x_TD, seq_len=seq_len, token_mask=flat(token_mask), token_ids=flat(token_ids), token_groups=flat(token_groups)
+            x_TD, seq_len=seq_len, token_mask=flat(token_mask), token_ids=flat(token_ids), token_groups=flat(token_groups),
+            causal=self.causal,
         )
         device_type = x_TD.device.type
         if torch.is_autocast_enabled(device_type) and x_TD.dtype != torch.float64:
@@ -260,10 +274,15 @@ class MoE(nn.Module):
         if self.router.num_null_experts:  # a null pick is never dispatched
             null_TK = indices_TK >= self.num_experts
             indices_TK = torch.where(null_TK, -1, indices_TK)
-        plan = build_plan(
-            indices_TK, self.num_experts, self.capacity(x_TD.shape[0]), routing.weights, self.drop_policy,
-            backend=self.backend,
-        )
+        if routing.pair_based:  # 0..E experts per token: R = the pairs' rows, not T*W
+            if self.capacity_factor is not None:
+                raise ValueError("a pair-based router (expert choice, thresholds) needs capacity_factor=None on the layer")
+            plan = build_pair_plan(indices_TK, self.num_experts, routing.num_rows)
+        else:
+            plan = build_plan(
+                indices_TK, self.num_experts, self.capacity(x_TD.shape[0]), routing.weights, self.drop_policy,
+                backend=self.backend,
+            )
         if self.experts.path == "fused_gather":
             if resolve_backend(self.backend, x_TD.device) != "triton":
                 raise ValueError(
@@ -296,6 +315,7 @@ class MoE(nn.Module):
             nonfinite_tokens=routing.nonfinite_tokens,
             masked_tokens=(~token_mask).sum() if token_mask is not None else _ZERO,
             null_pairs=null_TK.sum() if null_TK is not None else _ZERO,
+            indices=indices_TK, token_mask=flat(token_mask),
         )
         return y_TD.view(shape[:-1] + (self.d_model,))
 

@@ -31,7 +31,7 @@ import torch
 
 from moebal.backend import resolve_backend
 
-__all__ = ["DispatchPlan", "build_plan", "DROP_POLICIES"]
+__all__ = ["DispatchPlan", "build_plan", "build_pair_plan", "slots_from_pairs", "DROP_POLICIES"]
 
 # "position": earliest tokens kept; "weight": highest-weight pairs kept; "priority":
 # V-MoE / LIMoE batch-priority routing (all slot-0 picks before slot-1 picks, then tokens
@@ -216,4 +216,97 @@ def build_plan(
         pair_of_row_R=pair_of_row_R,
         token_of_row_R=token_of_row_R,
         may_have_null_pairs=_may_have_null_pairs(indices_TK, E),
+    )
+
+
+# --- plans from (token, expert) pairs: a variable number of experts per token ---------------
+#
+# Expert choice, Expert-Threshold and other pair-based routings give a token 0..E experts.
+# Their N pairs are laid out token-major as slots ``[T, W]`` (W = the largest number of
+# pairs any token has, or a static bound such as E when the exact width would need a host
+# read; unused slots are -1) and the plan keeps R = N rows, not T*W: dispatch stays one
+# gather of x rows and combine a padded per-token gather of the token's W slots in slot
+# order, summed in a fixed order (no atomics, deterministic) by the same code as top-k.
+
+
+def slots_from_pairs(
+    tokens_N: torch.Tensor, experts_N: torch.Tensor, num_tokens: int, width: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lay N (token, expert) pairs out as per-token slots.
+
+    Args:
+        tokens_N: int64 ``[N]`` token of each pair, in [0, T); -1 = a pair to skip.
+        experts_N: int64 ``[N]`` expert of each pair (no token may hold an expert twice).
+        num_tokens: T.
+        width: W, slots per token; None = the largest pair count of a token (read on the
+            host: exact, a device sync off the CPU, not under ``torch.compile``). A token
+            with more than W pairs raises nothing but loses its pairs beyond W, so pass a
+            true bound (E, for distinct experts).
+
+    Returns:
+        ``(indices_TW, pair_of_slot_TW)``: int64 ``[T, W]`` expert of each slot and the
+        pair it came from, both -1 for an unused slot; a token's slots hold its pairs by
+        increasing expert index.
+    """
+    if tokens_N.shape != experts_N.shape or tokens_N.dim() != 1:
+        raise ValueError(f"tokens and experts must be 1-D of one shape, got {tuple(tokens_N.shape)} and {tuple(experts_N.shape)}")
+    T, device = num_tokens, tokens_N.device
+    valid_N = (tokens_N >= 0) & (tokens_N < T)
+    token_N = torch.where(valid_N, tokens_N, T)  # skipped pairs sort into a spare token T
+    by_expert_N = torch.sort(experts_N, stable=True).indices
+    order_N = by_expert_N[torch.sort(token_N[by_expert_N], stable=True).indices]
+    counts_T1 = torch.zeros(T + 1, dtype=torch.int64, device=device).scatter_add_(0, token_N, torch.ones_like(token_N))
+    if width is None:
+        width = int(counts_T1[:T].max()) if T > 0 else 0
+    first_T1 = torch.cumsum(counts_T1, 0) - counts_T1
+    token_sorted_N = token_N[order_N]
+    rank_N = torch.arange(order_N.shape[0], device=device) - first_T1[token_sorted_N]
+    keep_N = (token_sorted_N < T) & (rank_N < width)
+    spare = T * width  # dropped pairs land in one spare slot, then cut off
+    slot_N = torch.where(keep_N, token_sorted_N * width + rank_N, spare)
+    pair_of_slot = torch.full((spare + 1,), -1, dtype=torch.int64, device=device).scatter_(0, slot_N, order_N)
+    pair_of_slot_TW = pair_of_slot[:spare].view(T, width)
+    indices_TW = torch.where(pair_of_slot_TW >= 0, experts_N.long()[pair_of_slot_TW.clamp(min=0)], -1)
+    return indices_TW, pair_of_slot_TW
+
+
+def build_pair_plan(indices_TW: torch.Tensor, num_experts: int, num_rows: int | None = None) -> DispatchPlan:
+    """A dropless plan for per-token slots (see ``slots_from_pairs``) with only ``num_rows`` rows.
+
+    Args:
+        indices_TW: int64 ``[T, W]`` expert of each slot, -1 = unused.
+        num_experts: E.
+        num_rows: R, at least the number V of used slots (expert choice: E*C); None = V,
+            read on the host (exact; a device sync off the CPU). Rows ``[V, R)`` are
+            padding owned by the last expert, as in a dropless top-k plan. Too small an R
+            is not checked (it would need a host read) and loses the pairs past it.
+
+    The plan is the dropless top-k plan of ``indices_TW`` cut to R rows: the same fields
+    with ``top_k = W``, so the torch and Triton dispatch/combine run it unchanged.
+    """
+    _check_indices(indices_TW, num_experts)
+    plan = build_plan(indices_TW, num_experts)
+    if num_rows is None:
+        num_rows = int(plan.counts_E.sum())
+    if isinstance(num_rows, bool) or num_rows < 0:
+        raise ValueError(f"num_rows must be an int >= 0, got {num_rows!r}")
+    N = plan.pair_of_row_R.shape[0]
+    if num_rows >= N:  # nothing to cut (R = T*W is the plain dropless plan)
+        return plan
+    group_ends_E = plan.group_ends_E.clone()
+    group_ends_E[-1] = num_rows
+    valid_TW = plan.row_of_pair_TK < num_rows  # pairs past R (an R below V) lose their row
+    return DispatchPlan(
+        num_tokens=plan.num_tokens,
+        top_k=plan.top_k,
+        num_experts=num_experts,
+        capacity=None,
+        counts_E=plan.counts_E,
+        kept_E=plan.kept_E,
+        starts_E=plan.starts_E,
+        group_ends_E=group_ends_E,
+        row_of_pair_TK=torch.where(valid_TW, plan.row_of_pair_TK, -1),
+        pair_of_row_R=plan.pair_of_row_R[:num_rows],
+        token_of_row_R=plan.token_of_row_R[:num_rows],
+        may_have_null_pairs=True,
     )

@@ -45,6 +45,8 @@ class Routing:
     aux_loss: torch.Tensor  # fp32 scalar, already multiplied by its coefficients; 0 if none
     nonfinite_tokens: torch.Tensor  # int64 scalar, tokens whose logits were not all finite
     replayed: bool = False  # an activation checkpoint's recompute that replayed the first pass's selection
+    pair_based: bool = False  # a variable number of experts per token: indices are slots [T, W], -1 unused
+    num_rows: int | None = None  # pair-based: rows the dispatch plan needs (None = the used slots, counted)
 
 
 def _as_policies(balancer) -> tuple[Policy, ...]:
@@ -144,7 +146,8 @@ class Router(nn.Module):
         self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
         self.num_null_experts = num_null_experts
         self.score, self.z_loss, self.scale = score, float(z_loss), float(scale)
-        self.renormalize = (top_k > 1) if renormalize is None else bool(renormalize)
+        pair_based = any(p.pair_based for p in policies)  # expert choice, thresholds: weights are raw scores
+        self.renormalize = (top_k > 1 and not pair_based) if renormalize is None else bool(renormalize)
         self.num_groups, self.top_groups = num_groups, top_groups
         self.gate = nn.Linear(d_model, num_experts + num_null_experts, bias=False, device=device, dtype=dtype)
         self._local = {}  # each rank's own counters: see _apply and the state-dict hooks
@@ -281,8 +284,10 @@ class Router(nn.Module):
         token_mask: torch.Tensor | None = None,
         token_ids: torch.Tensor | None = None,
         token_groups: torch.Tensor | None = None,
+        causal: bool = False,
     ) -> Routing:
-        """Route ``x [T, D]``; ``seq_len`` (rows per sequence) is needed by the sequence aux loss."""
+        """Route ``x [T, D]``; ``seq_len`` (rows per sequence) is needed by the sequence aux loss;
+        ``causal`` flags causal sequence data (a decoder), which expert choice refuses."""
         if x_TD.dim() != 2 or x_TD.shape[-1] != self.d_model:
             raise ValueError(f"x must have shape [T, {self.d_model}], got {tuple(x_TD.shape)}")
         T = x_TD.shape[0]
@@ -319,7 +324,7 @@ class Router(nn.Module):
         if forced is not None and replay is None and not self._route_hook.update_state:
             commits = False
         ctx = RouteContext(self, logits_TE, None, finite_T, token_mask, seq_len, token_ids, token_groups,
-                           self.training, commits, replay)
+                           self.training, commits, replay, causal=bool(causal))
         if logits_TE is not None:
             if self.training:
                 for policy in self.policies:
@@ -363,7 +368,9 @@ class Router(nn.Module):
                 policy.commit(ctx)
         if self._route_hook is not None and replay is None and not (eager_training and in_backward()):
             self._route_hook.seen(self, indices_TK)
-        return Routing(indices_TK, weights_TK, ctx.scores_TE, aux, nonfinite, replayed=replay is not None)
+        pair_based = selector is not None and selector.pair_based
+        return Routing(indices_TK, weights_TK, ctx.scores_TE, aux, nonfinite, replayed=replay is not None,
+                       pair_based=pair_based, num_rows=ctx.num_rows if forced is None else None)
 
     @torch.no_grad()
     def apply_bias_update(self, load_E: torch.Tensor | None = None) -> None:

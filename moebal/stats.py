@@ -21,6 +21,8 @@ __all__ = [
     "coefficient_of_variation",
     "load_entropy",
     "dropped_fraction",
+    "experts_per_token",
+    "ExpertsPerToken",
     "BalanceStats",
     "BalanceMeter",
 ]
@@ -86,6 +88,42 @@ def dropped_fraction(load: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     return _ratio(total - k.sum(), total)
 
 
+@dataclass(frozen=True)
+class ExpertsPerToken:
+    """How many experts the real tokens got (0-d tensors): expert choice and thresholds give
+    a token 0..E, top-k exactly K (fewer with null experts or drops not counted here)."""
+
+    min: torch.Tensor  # int64
+    max: torch.Tensor  # int64
+    mean: torch.Tensor  # float64
+    zero_share: torch.Tensor  # float64: share of real tokens with no expert at all
+
+
+def experts_per_token(indices: torch.Tensor, token_mask: torch.Tensor | None = None) -> ExpertsPerToken:
+    """Statistics of the experts per token from routed indices ``[T, W]`` (-1 = no expert).
+
+    ``token_mask`` (bool [T], True = a real token) leaves padding out. No real token gives
+    zeros everywhere (never NaN).
+    """
+    if not isinstance(indices, torch.Tensor) or indices.dim() != 2:
+        raise ValueError(f"indices must be a [T, W] tensor, got {indices!r}")
+    count_T = (indices >= 0).sum(dim=1)
+    real_T = torch.ones_like(count_T, dtype=torch.bool) if token_mask is None else token_mask.reshape(-1)
+    if real_T.shape != count_T.shape:
+        raise ValueError(f"token_mask must have one entry per token ({count_T.shape[0]}), got {tuple(token_mask.shape)}")
+    n = real_T.sum()
+    big = torch.iinfo(torch.int64).max
+    lo = torch.where(real_T, count_T, big).min() if count_T.numel() else torch.zeros((), dtype=torch.int64)
+    hi = torch.where(real_T, count_T, -1).max() if count_T.numel() else torch.zeros((), dtype=torch.int64)
+    den = n.double().clamp(min=1)
+    return ExpertsPerToken(
+        min=torch.where(n > 0, lo, 0),
+        max=torch.where(n > 0, hi, 0),
+        mean=torch.where(real_T, count_T, 0).sum().double() / den,
+        zero_share=(real_T & (count_T == 0)).sum().double() / den,
+    )
+
+
 @dataclass
 class BalanceStats:
     """Balance of one forward pass. ``load`` is the int64 ``[E]`` routed-pair count."""
@@ -97,6 +135,13 @@ class BalanceStats:
     nonfinite_tokens: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
     masked_tokens: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))  # token_mask False
     null_pairs: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))  # picks of null experts
+    indices: torch.Tensor | None = None  # int64 [T, W] dispatched experts per token (-1 none), for experts_per_token
+    token_mask: torch.Tensor | None = None  # bool [T], True = a real token
+
+    @property
+    def experts_per_token(self) -> ExpertsPerToken | None:
+        """Min, max, mean and zero share of the real tokens' expert counts (None without indices)."""
+        return None if self.indices is None else experts_per_token(self.indices, self.token_mask)
 
     @property
     def null_fraction(self) -> torch.Tensor:
@@ -130,9 +175,18 @@ class BalanceStats:
             "nonfinite_tokens": int(self.nonfinite_tokens),
             "masked_tokens": int(self.masked_tokens),
             "null_fraction": float(self.null_fraction),
+            **self._per_token_dict(),
             "num_tokens": self.num_tokens,
             "load": self.load.tolist(),
         }
+
+
+    def _per_token_dict(self) -> dict:
+        ept = self.experts_per_token
+        if ept is None:
+            return {}
+        return {"experts_per_token_min": int(ept.min), "experts_per_token_max": int(ept.max),
+                "experts_per_token_mean": float(ept.mean), "zero_expert_share": float(ept.zero_share)}
 
 
 class BalanceMeter:

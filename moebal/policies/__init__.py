@@ -2,6 +2,8 @@
 from moebal.policies.aux_loss import AuxLoss
 from moebal.policies.base import Policy, RouteContext
 from moebal.policies.entropy_loss import EntropyLoss
+from moebal.policies.expert_choice import ExpertChoice
+from moebal.policies.expert_threshold import ExpertThreshold
 from moebal.policies.hashing import HashRouting
 from moebal.policies.importance import ImportanceLoss, LoadLoss
 from moebal.policies.linear_assignment import LinearAssignment
@@ -11,5 +13,5 @@ from moebal.policies.top_p import TopP
 
 __all__ = [
     "Policy", "RouteContext", "AuxLoss", "LossFree", "LinearAssignment", "EntropyLoss", "ImportanceLoss", "LoadLoss",
-    "HashRouting", "TopP", "ReMoE",
+    "HashRouting", "TopP", "ReMoE", "ExpertChoice", "ExpertThreshold",
 ]

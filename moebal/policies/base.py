@@ -12,7 +12,10 @@ hash); every ``loss`` adds up. ``Router.forward`` calls, in this order:
 1. ``perturb(ctx, logits)`` — training-time logit noise (V-MoE's noisy top-k); returns
    the logits the scores and selection use. Default: unchanged.
 2. ``select(ctx)`` — the selecting policy only: ``(weights [T,K], indices [T,K])``.
-   Without one, the router's own top-k (with its group limit) selects.
+   Without one, the router's own top-k (with its group limit) selects. A pair-based
+   policy (``pair_based = True``: expert choice, Expert-Threshold) returns per-token
+   slots ``[T, W]`` of any width with -1 for unused ones, and may set ``ctx.num_rows``
+   to the rows its plan needs (see ``moebal.plan.build_pair_plan``).
 3. ``loss(ctx)`` — a scalar tensor already multiplied by its coefficient, or None.
 4. ``commit(ctx)`` — only in a committing forward (training, grad enabled, not a
    checkpoint's recompute): move the policy's state (counts, bias, windows).
@@ -46,6 +49,7 @@ class Policy:
 
     selects: ClassVar[bool] = False  # decides the selection (at most one per router)
     needs_logits: ClassVar[bool] = True  # False: the router may skip its gate GEMM entirely
+    pair_based: ClassVar[bool] = False  # True: a variable number of experts per token (slots [T, W], -1 unused)
 
     def setup(self, router: nn.Module) -> None:
         """Check that the router can run this policy and register the policy's state on it."""
@@ -83,6 +87,8 @@ class RouteContext:
     remembered: dict = field(default_factory=dict)
     live: set = field(default_factory=set)  # remembered keys holding module state that moves in place
     _probs: torch.Tensor | None = None
+    causal: bool = False  # the layer's data is causal sequence data (MoE(causal=True)): no peeking ahead
+    num_rows: int | None = None  # set by a pair-based selection: rows its dispatch plan needs (None = count them)
 
     @property
     def num_tokens(self) -> int:
