@@ -60,7 +60,7 @@ def _gather_pairs_acc(src_RD, rows_nK, pad, scratch, scratch_acc):
     g = _gather_rows(src_RD, rows_nK, pad, out=scratch[: n * K])
     if scratch_acc is not None:
         g = scratch_acc[: n * K].copy_(g)
-    return g.view(n, K, -1)
+    return g.view(n, K, src_RD.shape[1])
 
 
 def _pair_scratch(src_RD, T, K, acc: torch.dtype | None = None):
@@ -166,7 +166,7 @@ def _gather_rows_graph(src_RD: torch.Tensor, rows: torch.Tensor, may_skip: bool)
 def _combine_fwd_graph(ys_RD, weights_TK, plan: DispatchPlan):
     T, K = plan.row_of_pair_TK.shape
     acc = _acc(ys_RD.dtype)
-    g_TKD = _gather_rows_graph(ys_RD, plan.row_of_pair_TK, plan.has_drops).to(acc).view(T, K, -1)
+    g_TKD = _gather_rows_graph(ys_RD, plan.row_of_pair_TK, plan.has_drops).to(acc).view(T, K, ys_RD.shape[1])
     return torch.bmm(weights_TK.to(acc).unsqueeze(1), g_TKD).squeeze(1).to(ys_RD.dtype)
 
 
@@ -175,7 +175,7 @@ def _combine_bwd_graph(grad_y_TD, ys_RD, weights_TK, plan: DispatchPlan):
     pad, dtype, acc = plan.has_drops, ys_RD.dtype, _acc(ys_RD.dtype)
     w_R1 = _gather_rows_graph(weights_TK.reshape(-1, 1).to(acc), plan.pair_of_row_R, pad)  # padding rows 0
     grad_ys = (_gather_rows_graph(grad_y_TD.to(dtype), plan.token_of_row_R, pad).to(acc) * w_R1).to(dtype)
-    g_TKD = _gather_rows_graph(ys_RD, plan.row_of_pair_TK, pad).to(acc).view(T, K, -1)
+    g_TKD = _gather_rows_graph(ys_RD, plan.row_of_pair_TK, pad).to(acc).view(T, K, ys_RD.shape[1])
     grad_w_TK = (g_TKD * grad_y_TD.to(acc).unsqueeze(1)).sum(dim=-1)
     return grad_ys, grad_w_TK.to(weights_TK.dtype)
 
@@ -183,7 +183,7 @@ def _combine_bwd_graph(grad_y_TD, ys_RD, weights_TK, plan: DispatchPlan):
 def _dispatch_bwd_graph(grad_xs_RD, plan: DispatchPlan):
     T, K = plan.row_of_pair_TK.shape
     dtype = grad_xs_RD.dtype
-    g_TKD = _gather_rows_graph(grad_xs_RD, plan.row_of_pair_TK, plan.has_drops).view(T, K, -1)
+    g_TKD = _gather_rows_graph(grad_xs_RD, plan.row_of_pair_TK, plan.has_drops).view(T, K, grad_xs_RD.shape[1])
     return g_TKD.to(_acc(dtype)).sum(dim=1).to(dtype)
 
 
