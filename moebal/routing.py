@@ -197,11 +197,13 @@ def _topk_indices(select_TE: torch.Tensor, top_k: int) -> torch.Tensor:
 
 
 def _expert_fraction(indices_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """f_E: fraction of all T*K routed (token, slot) pairs that went to each expert."""
+    """f_E: fraction of the routed (token, slot) pairs that went to each expert; a -1 slot
+    (no expert: dynamic k) is not a pair (all T*K when there is none)."""
     flat = indices_TK.reshape(-1)
+    valid_N = (flat >= 0).float()
     counts_E = torch.zeros(num_experts, dtype=torch.float32, device=flat.device)
-    counts_E.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.float32))
-    return counts_E / max(flat.numel(), 1)
+    counts_E.scatter_add_(0, flat.clamp(min=0), valid_N)
+    return counts_E / valid_N.sum().clamp(min=1)
 
 
 def switch_aux_loss(
@@ -209,7 +211,8 @@ def switch_aux_loss(
 ) -> torch.Tensor:
     """Switch/GShard balance loss ``E * sum_i f_i * P_i``.
 
-    ``f_i`` is the fraction of the T*K routed pairs sent to expert i (all K choices count),
+    ``f_i`` is the fraction of the T*K routed pairs sent to expert i (all K choices count;
+    a -1 slot, no expert, is no pair: f is over the routed pairs with dynamic k),
     ``P_i`` the mean router probability of expert i over the T tokens. Perfectly balanced
     routing with rows of ``probs`` summing to 1 gives exactly 1.0; all tokens collapsed
     onto the same K experts gives E/K. Only ``P`` carries gradient. Zero tokens give 0.
@@ -247,7 +250,7 @@ def _masked_fractions(probs_TE, indices_TK, num_experts: int, mask_BS: torch.Ten
     counts_BE = torch.zeros(B, num_experts, dtype=torch.float32, device=probs_TE.device)
     counts_BE.scatter_add_(1, indices_TK.clamp(min=0).view(B, S * K), pair_BN)
     kept_B1 = keep_BS.sum(dim=1, keepdim=True)
-    f_BE = counts_BE / (kept_B1 * K).clamp(min=1)
+    f_BE = counts_BE / pair_BN.sum(dim=1, keepdim=True).clamp(min=1)  # = kept * K without -1 slots
     probs_BSE = torch.where(mask_BS[:, :, None], probs_TE.float().view(B, S, num_experts), 0.0)
     P_BE = probs_BSE.sum(dim=1) / kept_B1.clamp(min=1)
     return f_BE * P_BE / (kept_B1 > 0).sum().clamp(min=1)
