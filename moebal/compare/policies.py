@@ -18,6 +18,11 @@ Names (``POLICY_NAMES`` lists them with one line each, as ``moebal info`` prints
 - ``null-<Z>``: Z zero null experts beside the real ones, Switch aux loss 1e-2 over all.
 - ``base``: softmax router + BASE balanced assignment in training, greedy top-k at eval.
 - ``none``: softmax router, no balancing at all (a reference point, not in the default set).
+- ``top-p`` or ``top-p-<p>``: dynamic k (Huang et al. 2024): the smallest prefix of the sorted
+  softmax probabilities reaching p (default 0.4), 1 to 2*top_k experts, unrenormalised
+  weights, entropy regulariser 1e-4 and the Switch aux loss 1e-2.
+- ``remoe``: ReMoE's ReLU router (unrenormalised ReLU weights, up to every expert) with the
+  adaptive load-balanced L1 penalty aiming at top_k experts per token (lambda0 1e-8, alpha 1.2).
 """
 from __future__ import annotations
 
@@ -38,7 +43,7 @@ DEFAULT_POLICIES = ("aux-1e-2", "loss-free", "loss-free-prop", "vmoe")
 # ``--policies all``: every family, each at its default setting
 ALL_POLICIES = (
     "aux-1e-2", "aux-1e-3", "loss-free", "loss-free-prop", "loss-free-center", "loss-free+seq", "limoe", "vmoe",
-    "hash", "hash-4gram", "null-4", "base", "none",
+    "hash", "hash-4gram", "null-4", "base", "none", "top-p", "remoe",
 )
 POLICY_NAMES = {
     "aux-<alpha>": "softmax + Switch aux loss (aux-1e-2, aux-1e-3)",
@@ -52,6 +57,8 @@ POLICY_NAMES = {
     "null-<Z>": "Z zero null experts + Switch aux loss 1e-2",
     "base": "BASE balanced assignment (training), greedy top-k (eval)",
     "none": "softmax top-k, no balancing",
+    "top-p[-<p>]": "dynamic k: smallest prefix of sorted probs reaching p (0.4), <= 2*top_k, entropy 1e-4 + aux 1e-2",
+    "remoe": "ReMoE: ReLU router, adaptive L1 toward top_k experts per token (up to all)",
 }
 NAMES_HELP = ", ".join(POLICY_NAMES) + "; or all"
 HASH_BUCKETS = 1 << 16  # n-gram buckets (unigram: the 256 byte values)
@@ -60,17 +67,25 @@ HASH_BUCKETS = 1 << 16  # n-gram buckets (unigram: the 256 byte values)
 @dataclass(frozen=True)
 class Policy:
     name: str
-    kind: str  # "aux" | "loss_free" | "loss_free_prop" | "loss_free_center" | "loss_free_seq" | "limoe" | "vmoe" | "hash" | "null" | "base" | "none"
+    kind: str  # "aux" | "loss_free" | "loss_free_prop" | "loss_free_center" | "loss_free_seq" | "limoe" | "vmoe" | "hash" | "null" | "base" | "none" | "top_p" | "remoe"
     score: str  # "softmax" | "sigmoid"
-    coefficient: float | None = None  # alpha for aux, rate u for loss-free, n for hash, Z for null
+    coefficient: float | None = None  # alpha for aux, rate u for loss-free, n for hash, Z for null, p for top-p
 
     @property
     def num_null_experts(self) -> int:
         return int(self.coefficient) if self.kind == "null" else 0
 
+    def layer_top_k(self, top_k: int, num_experts: int) -> int:
+        """The layer's K: ``top_k``, but the most experts a token may take for dynamic k
+        (top-p: 2*top_k; ReMoE: every expert, so its routing is never cut)."""
+        if self.kind == "top_p":
+            return min(num_experts, 2 * top_k)
+        return num_experts if self.kind == "remoe" else top_k
+
     def make_router(self, d_model: int, num_experts: int, top_k: int, train_tokens: torch.Tensor | None = None,
                     seq_len: int | None = None) -> moebal.Router:
-        """The router of one layer; hash tables are fitted on ``train_tokens`` (the training split)."""
+        """The router of one layer; hash tables are fitted on ``train_tokens`` (the training split).
+        ``top_k`` is the model's; the router's is ``layer_top_k(top_k, num_experts)``."""
         c, kind = self.coefficient, self.kind
         if kind == "aux":
             balancer = moebal.AuxLoss(c)
@@ -93,10 +108,15 @@ class Policy:
             balancer = moebal.AuxLoss(1e-2)
         elif kind == "base":
             balancer = moebal.LinearAssignment()
+        elif kind == "top_p":
+            balancer = (moebal.TopP(c, entropy=1e-4), moebal.AuxLoss(1e-2))
+        elif kind == "remoe":  # aims at the model's top_k experts per token
+            balancer = moebal.ReMoE(k=float(top_k))
         else:
             balancer = None
-        return moebal.Router(d_model, num_experts, top_k, score=self.score, balancer=balancer,
-                             num_null_experts=self.num_null_experts)
+        renormalize = False if kind in ("top_p", "remoe") else None  # the papers' weights
+        return moebal.Router(d_model, num_experts, self.layer_top_k(top_k, num_experts), score=self.score,
+                             balancer=balancer, num_null_experts=self.num_null_experts, renormalize=renormalize)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "kind": self.kind, "score": self.score, "coefficient": self.coefficient}
@@ -140,6 +160,15 @@ def parse_policy(name: str) -> Policy:
     }
     if text in fixed:
         return Policy(text, *fixed[text])
+    if text == "top-p":
+        return Policy(text, "top_p", "softmax", 0.4)
+    if text.startswith("top-p-"):
+        value = _number(text[len("top-p-"):], name)
+        if not 0 < value <= 1:
+            raise ValueError(f"policy {name!r}: p must be in (0, 1], got {value!r}")
+        return Policy(text, "top_p", "softmax", value)
+    if text == "remoe":
+        return Policy(text, "remoe", "softmax", None)
     if text.startswith("loss-free-prop-"):
         return Policy(text, "loss_free_prop", "sigmoid", _number(text[len("loss-free-prop-"):], name))
     if text.startswith("loss-free-"):

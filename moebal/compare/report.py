@@ -33,6 +33,7 @@ _COLUMNS = (
     ("MaxVio_batch", "maxvio_batch", "{:.3f}"),
     ("dropped %", "dropped_frac", "{:.2%}"),
     ("over cap@1.0 %", "overflow_frac_cf1", "{:.2%}"),
+    ("experts/tok", "val_experts_per_token", "{:.2f}"),
     ("tokens/s", "tokens_per_s", "{:,.0f}"),
 )
 

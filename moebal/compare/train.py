@@ -120,9 +120,10 @@ def build_model(cfg: CompareConfig, policy: Policy, train_tokens: torch.Tensor |
     """The model for ``policy``, initialised from ``cfg.seed`` (identical for every policy);
     ``train_tokens`` (the training split) fit a hash policy's table."""
     m = cfg.model
+    layer_cfg = replace(m, top_k=policy.layer_top_k(m.top_k, m.num_experts))  # dynamic k: K is the most per token
     with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG as it was
         torch.manual_seed(cfg.seed)
-        return MoELM(m, lambda: policy.make_router(m.d_model, m.num_experts, m.top_k, train_tokens))
+        return MoELM(layer_cfg, lambda: policy.make_router(m.d_model, m.num_experts, m.top_k, train_tokens))
 
 
 def _eval_pass(model: MoELM, batches, device: torch.device, meter: BalanceMeter, score_sum_LE: torch.Tensor):
@@ -195,6 +196,8 @@ def evaluate(model: MoELM, corpus: Corpus, cfg: CompareConfig) -> dict:
         "val_maxvio_batch": val_meter.maxvio_batch(),
         "maxvio_global_train_eval": train_meter.maxvio_global(),
         "val_load": [val_meter.summed_load(n).tolist() for n in names],
+        # routed (token, expert) pairs per token and layer: top_k, fewer with null experts, any for dynamic k
+        "val_experts_per_token": sum(int(val_meter.summed_load(n).sum()) for n in names) / max(1, tokens * len(names)),
         # max - min over experts of the mean router score: the range a loss-free bias must span
         "score_spread_per_layer": (mean_score_LE.max(1).values - mean_score_LE.min(1).values).tolist(),
     }
@@ -269,6 +272,7 @@ def train_policy(policy: Policy, corpus: Corpus, cfg: CompareConfig, progress: P
             "maxvio_global_train": meter.maxvio_global(),
             "maxvio_global_train_last": _mean([float(max_violation(load_E)) for load_E in last_load_LE]),
             "dropped_frac": dropped / max(1, routed),
+            "experts_per_token": routed / max(1, cfg.steps * tokens_per_step * n_layers),  # routed pairs per token, training
             "overflow_frac_cf1": _mean(overflow[-last * n_layers:]),
             "tokens_per_s": cfg.steps * tokens_per_step / train_seconds,
             "train_seconds": train_seconds,
@@ -398,7 +402,7 @@ def run_compare(
 
 
 SUMMARY_KEYS = ("val_bpb", "val_in_bpb", "maxvio_global", "maxvio_global_in", "maxvio_global_train_last", "maxvio_batch", "dropped_frac",
-                "overflow_frac_cf1", "tokens_per_s")
+                "overflow_frac_cf1", "tokens_per_s", "val_experts_per_token")
 
 
 def summarize(runs: list[list[dict]]) -> list[dict]:
