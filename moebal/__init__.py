@@ -1,6 +1,7 @@
 """moebal: Mixture-of-Experts routing and load balancing for PyTorch."""
 from moebal import functional, parallel, stats, testing
 from moebal.layer import MoE
+from moebal.soft_moe import SoftMoE, SoftMoEStats
 from moebal.multitask import ExpertNorm, MultiGateMoE, MultiGateStats, MultiTaskMeter
 from moebal.plan import DispatchPlan
 from moebal.replay import RoutingRecord, record_routing, replay_routing
@@ -16,6 +17,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MoE",
+    "SoftMoE",
+    "SoftMoEStats",
     "MultiGateMoE",
     "MultiGateStats",
     "MultiTaskMeter",
