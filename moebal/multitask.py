@@ -188,16 +188,18 @@ class MultiGateMoE(nn.Module):
         self.activation = activation
         task_of_group = {t: gi for gi, g in enumerate(groups) for t in g}
 
-        own = torch.tensor([[o == k for o in owner] for k in range(K)], dtype=torch.bool, device=device)
-        shared = torch.tensor([o == -1 for o in owner], device=device)
+        cpu = torch.device("cpu")  # masks are built and checked on the CPU (works under meta-device init)
+        target = torch.device(device) if device is not None else torch.empty(0).device  # honours `with torch.device(...)`
+        own = torch.tensor([[o == k for o in owner] for k in range(K)], dtype=torch.bool, device=cpu)
+        shared = torch.tensor([o == -1 for o in owner], device=cpu)
         # experts read their owner task's input, else the shared input (index K)
-        in_idx = torch.tensor([o if o >= 0 else K for o in owner], dtype=torch.long, device=device)
-        self.register_buffer("expert_input_E", in_idx, persistent=False)
-        self.register_buffer("own_KE", own, persistent=False)
-        self.register_buffer("shared_E", shared, persistent=False)
+        in_idx = torch.tensor([o if o >= 0 else K for o in owner], dtype=torch.long, device=cpu)
+        self.register_buffer("expert_input_E", in_idx.to(target), persistent=False)
+        self.register_buffer("own_KE", own.to(target), persistent=False)
+        self.register_buffer("shared_E", shared.to(target), persistent=False)
         self.owner = owner
 
-        default = torch.ones(K, E, dtype=torch.bool, device=device)
+        default = torch.ones(K, E, dtype=torch.bool, device=cpu)
         if mode in ("cgc", "ple", "mmoeex", "home"):
             for k in range(K):
                 for e, o in enumerate(owner):
@@ -215,15 +217,15 @@ class MultiGateMoE(nn.Module):
                     raise TypeError(f"masks[{level}] must be a bool tensor, got {m!r}")
                 if tuple(m.shape) != (G, E):
                     raise ValueError(f"masks[{level}] must have shape ({G}, {E}), got {tuple(m.shape)}")
-                m = m.to(device)
+                m = m.to(cpu)
             else:
-                m = torch.cat([default, torch.ones(G - K, E, dtype=torch.bool, device=device)])
+                m = torch.cat([default, torch.ones(G - K, E, dtype=torch.bool, device=cpu)])
             if not m.any(1).all():
                 raise ValueError(f"masks[{level}]: gates {(~m.any(1)).nonzero().flatten().tolist()} have no open expert")
             d = d_in if level == 0 else self.d_expert
             f = d_out if level == levels - 1 else self.d_expert
             blk = nn.Module()
-            blk.register_buffer("mask_GE", m.clone())
+            blk.register_buffer("mask_GE", m.clone().to(target))
             blk.w1 = nn.Parameter(torch.empty(E, d, d_hidden, **fk))
             blk.b1 = nn.Parameter(torch.empty(E, d_hidden, **fk))
             blk.w2 = nn.Parameter(torch.empty(E, d_hidden, f, **fk))

@@ -9,7 +9,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-__all__ = ["MultiGateStats", "MultiTaskMeter", "multigate_stats"]
+__all__ = ["MultiGateStats", "MultiTaskMeter", "multigate_stats", "stats_table"]
 
 
 @dataclass
@@ -117,3 +117,35 @@ class MultiTaskMeter:
             vals = {k: v / self._count[level][k] for k, v in sums.items()}  # 0/0 -> NaN
             out.append(MultiGateStats(shared_E=self._shared[level].clone(), **vals))
         return out
+
+
+def _owner_label(owner: int) -> str:
+    return "shared" if owner == -1 else (f"group{-(owner + 2)}" if owner <= -2 else f"task{owner}")
+
+
+def stats_table(stats: MultiGateStats, owner: list[int] | None = None, task_names: list[str] | None = None) -> str:
+    """A readable table of one level: one row per expert (owner, gate mass per task,
+    occupancy, dead-unit ratio, output RMS), then each task's own-expert use and entropy.
+
+    ``owner``: the layer's ``MultiGateMoE.owner`` list (-1 shared, -(2+g) group g, k task k);
+    without it experts are labelled only shared / not shared.
+    """
+    W = stats.gate_mass_KE.cpu()
+    K, E = W.shape
+    names = list(task_names) if task_names is not None else [f"task{k}" for k in range(K)]
+    if len(names) != K:
+        raise ValueError(f"task_names has {len(names)} names, the statistics have {K} tasks")
+    head = f"{'expert':>6} {'owner':>7} " + " ".join(f"{n[:8]:>8}" for n in names)
+    rows = [head + f" {'occup.':>7} {'dead':>6} {'out rms':>8}"]
+    for e in range(E):
+        who = _owner_label(owner[e]) if owner is not None else ("shared" if bool(stats.shared_E[e]) else "own")
+        mass = " ".join(f"{float(W[k, e]):>8.3f}" for k in range(K))
+        rows.append(f"{e:>6} {who:>7} {mass} {float(stats.occupancy_E[e]):>7.3f} "
+                    f"{float(stats.dead_ratio_E[e]):>6.1%} {float(stats.output_rms_E[e]):>8.3g}")
+    for k in range(K):
+        rows.append(f"{names[k]}: own-expert use {float(stats.own_use_K[k]):.3f}, "
+                    f"gate entropy {float(stats.entropy_K[k]):.3f} nats")
+    shared = stats.shared_occupancy
+    if shared.numel():
+        rows.append(f"shared experts: occupancy mean {float(shared.nanmean()):.3f} (1/K = {1 / K:.3f}; 1 = captured)")
+    return "\n".join(rows)
