@@ -112,7 +112,7 @@ class ExpertThreshold(Policy):
             n = counted_T.sum()
             C = torch.div(n * (num * K) + den * E - 1, den * E, rounding_mode="floor")
             C = torch.minimum(C, n).clamp(min=1)  # at most the real tokens: never the -inf of a masked one
-            q_E = sorted_ET[:, C - 1]
+            q_E = sorted_ET.gather(1, (C - 1).view(1, 1).expand(E, 1)).squeeze(1)  # a gather: no host read of C
             q_E = _mean_over_group(q_E, router.balance_group)
             any_T = n > 0
             router.threshold_ema.copy_(torch.where(any_T, self.decay * router.threshold_ema + (1 - self.decay) * q_E,
