@@ -23,6 +23,13 @@ Names (``POLICY_NAMES`` lists them with one line each, as ``moebal info`` prints
   weights, entropy regulariser 1e-4 and the Switch aux loss 1e-2.
 - ``remoe``: ReMoE's ReLU router (unrenormalised ReLU weights, up to every expert) with the
   adaptive load-balanced L1 penalty aiming at top_k experts per token (lambda0 1e-8, alpha 1.2).
+- ``expert-choice`` (shown as ``expert-choice-leaks-future``): Zhou et al.'s expert choice
+  over the whole batch, capacity factor 1. Not causal: each output depends on later tokens,
+  so its training and held-out loss are too good; it is run only to show that leak next to
+  its causal variants.
+- ``expert-choice-pos``: expert choice among the batch's tokens at the same position (causal).
+- ``expert-threshold``: Expert-Threshold routing, per-expert EMA thresholds (decay 0.99) of
+  expert choice's batch quantile (causal, batch-independent).
 """
 from __future__ import annotations
 
@@ -44,6 +51,7 @@ DEFAULT_POLICIES = ("aux-1e-2", "loss-free", "loss-free-prop", "vmoe")
 ALL_POLICIES = (
     "aux-1e-2", "aux-1e-3", "loss-free", "loss-free-prop", "loss-free-center", "loss-free+seq", "limoe", "vmoe",
     "hash", "hash-4gram", "null-4", "base", "none", "top-p", "remoe",
+    "expert-threshold", "expert-choice-pos", "expert-choice",
 )
 POLICY_NAMES = {
     "aux-<alpha>": "softmax + Switch aux loss (aux-1e-2, aux-1e-3)",
@@ -59,6 +67,9 @@ POLICY_NAMES = {
     "none": "softmax top-k, no balancing",
     "top-p[-<p>]": "dynamic k: smallest prefix of sorted probs reaching p (0.4), <= 2*top_k, entropy 1e-4 + aux 1e-2",
     "remoe": "ReMoE: ReLU router, adaptive L1 toward top_k experts per token (up to all)",
+    "expert-choice": "expert choice over the batch, capacity 1 -- LEAKS FUTURE TOKENS (loss too good)",
+    "expert-choice-pos": "expert choice among the same position of the batch's sequences (causal)",
+    "expert-threshold": "Expert-Threshold: EMA of expert choice's quantile per expert (causal)",
 }
 NAMES_HELP = ", ".join(POLICY_NAMES) + "; or all"
 HASH_BUCKETS = 1 << 16  # n-gram buckets (unigram: the 256 byte values)
@@ -67,7 +78,7 @@ HASH_BUCKETS = 1 << 16  # n-gram buckets (unigram: the 256 byte values)
 @dataclass(frozen=True)
 class Policy:
     name: str
-    kind: str  # "aux" | "loss_free" | "loss_free_prop" | "loss_free_center" | "loss_free_seq" | "limoe" | "vmoe" | "hash" | "null" | "base" | "none" | "top_p" | "remoe"
+    kind: str  # "aux" | "loss_free" | "loss_free_prop" | "loss_free_center" | "loss_free_seq" | "limoe" | "vmoe" | "hash" | "null" | "base" | "none" | "top_p" | "remoe" | "expert_choice" | "expert_choice_pos" | "expert_threshold"
     score: str  # "softmax" | "sigmoid"
     coefficient: float | None = None  # alpha for aux, rate u for loss-free, n for hash, Z for null, p for top-p
 
@@ -112,6 +123,12 @@ class Policy:
             balancer = (moebal.TopP(c, entropy=1e-4), moebal.AuxLoss(1e-2))
         elif kind == "remoe":  # aims at the model's top_k experts per token
             balancer = moebal.ReMoE(k=float(top_k))
+        elif kind == "expert_choice":  # allow_future: the leak is what this row shows
+            balancer = moebal.ExpertChoice(1.0, allow_future=True)
+        elif kind == "expert_choice_pos":
+            balancer = moebal.ExpertChoice(1.0, group="position")
+        elif kind == "expert_threshold":
+            balancer = moebal.ExpertThreshold(1.0)
         else:
             balancer = None
         renormalize = False if kind in ("top_p", "remoe") else None  # the papers' weights
@@ -169,6 +186,10 @@ def parse_policy(name: str) -> Policy:
         return Policy(text, "top_p", "softmax", value)
     if text == "remoe":
         return Policy(text, "remoe", "softmax", None)
+    if text in ("expert-choice", "expert-choice-leaks-future"):  # the name in tables says what it does
+        return Policy("expert-choice-leaks-future", "expert_choice", "softmax", None)
+    if text in ("expert-choice-pos", "expert-threshold"):
+        return Policy(text, text.replace("-", "_"), "softmax", None)
     if text.startswith("loss-free-prop-"):
         return Policy(text, "loss_free_prop", "sigmoid", _number(text[len("loss-free-prop-"):], name))
     if text.startswith("loss-free-"):
