@@ -32,7 +32,6 @@ from moebal.plan import DispatchPlan
 __all__ = ["SoftMoE", "SoftMoEStats", "soft_moe_weights"]
 
 _EPS = 1e-6  # the l2 normalisation's floor: a zero token gets zero logits, not NaN
-_MASKED = torch.finfo(torch.float32).min  # a padding token's dispatch logit: exp underflows to exactly 0
 
 
 @dataclass
@@ -56,17 +55,19 @@ class SoftMoEStats:
 def soft_moe_weights(
     x_BMD: torch.Tensor, phi_DN: torch.Tensor, scale: torch.Tensor, mask_BM: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dispatch_BMN, combine_BMN)``, fp32: the softmaxes over tokens and over slots of the
-    normalised logits (see the module docstring). A padding token (``mask_BM`` False) gets
-    dispatch weight exactly 0; a group with no real token dispatches nothing (zero columns)."""
-    x_n = F.normalize(x_BMD.float(), dim=-1, eps=_EPS)
-    phi_n = F.normalize(phi_DN.float(), dim=0, eps=_EPS)
-    logits_BMN = scale.float() * (x_n @ phi_n)
+    """``(dispatch_BMN, combine_BMN)``: the softmaxes over tokens and over slots of the
+    normalised logits (see the module docstring), in fp32 (float64 for float64 tokens). A
+    padding token (``mask_BM`` False) gets dispatch weight exactly 0; a group with no real
+    token dispatches nothing (zero columns)."""
+    dtype = torch.float64 if x_BMD.dtype == torch.float64 else torch.float32
+    x_n = F.normalize(x_BMD.to(dtype), dim=-1, eps=_EPS)
+    phi_n = F.normalize(phi_DN.to(dtype), dim=0, eps=_EPS)
+    logits_BMN = scale.to(dtype) * (x_n @ phi_n)
     combine_BMN = torch.softmax(logits_BMN, dim=-1)
     if mask_BM is None:
         return torch.softmax(logits_BMN, dim=1), combine_BMN
     keep_BM1 = mask_BM[..., None]
-    dispatch_BMN = torch.softmax(torch.where(keep_BM1, logits_BMN, _MASKED), dim=1)
+    dispatch_BMN = torch.softmax(torch.where(keep_BM1, logits_BMN, torch.finfo(dtype).min), dim=1)
     return torch.where(keep_BM1, dispatch_BMN, 0.0), combine_BMN
 
 
@@ -93,7 +94,8 @@ class SoftMoE(nn.Module):
     paper's LeCun init), a learned scalar ``scale`` (init 1) multiplying the
     cosine logits, and ``GroupedExperts`` (expert e owns slots ``e*S .. e*S+S-1``).
 
-    Training setups: under ``torch.autocast`` the logits and softmaxes run in fp32, the
+    Training setups: under ``torch.autocast`` the logits and softmaxes run in fp32 (a
+    padding token's dispatch logit is the dtype's lowest number, so its exp is exactly 0), the
     slot mixes and the expert GEMMs in the autocast dtype (the output has it); it has no
     balancing state, so ``.to(dtype)``, ``deepcopy``, ``state_dict`` and activation
     checkpointing need nothing special; ``torch.compile(fullgraph=True, dynamic=True)``
@@ -207,8 +209,9 @@ def _stats(dispatch_BMN, combine_BMN, mask_BM, num_tokens: int) -> SoftMoEStats:
     if dispatch_BMN.numel() == 0:
         zero = dispatch_BMN.new_zeros(())
         return SoftMoEStats(zero, zero, zero, num_tokens, masked)
-    M = dispatch_BMN.shape[1]
     h_BN = -(dispatch_BMN * dispatch_BMN.clamp_min(1e-30).log()).sum(1)
-    entropy = h_BN.mean() / math.log(M) if M > 1 else h_BN.new_ones(())
+    # log M as a tensor op: a Python log of M would make torch.compile specialise on M
+    log_m = dispatch_BMN.new_ones(dispatch_BMN.shape[1]).sum().log()
+    entropy = torch.where(log_m > 0, h_BN.mean() / log_m.clamp(min=1e-30), 1.0)
     combine = combine_BMN if mask_BM is None else torch.where(mask_BM[..., None], combine_BMN, 0.0)
     return SoftMoEStats(dispatch_BMN.amax(), combine.amax(), entropy, num_tokens, masked)
