@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moebal.decode import bmm_experts, decode_pack, gemv_experts
+from moebal.expert_paths import choose_path
 from moebal.experts_loop import host_bounds, loop_experts
 from moebal.plan import DispatchPlan
 from moebal.workspace import pooled_cast
@@ -23,11 +25,13 @@ from moebal.workspace import pooled_cast
 __all__ = ["GroupedExperts", "ACTIVATIONS", "GATED_ACTIVATIONS", "EXPERT_PATHS", "activate", "hidden_width",
            "expert_ffn", "grouped_matmul"]
 
-# "loop": per-expert GEMMs into reused buffers (CPU); "grouped": grouped_mm/bmm (GPU,
-# torch.compile); "auto": loop for CPU tensors in eager mode, grouped otherwise;
-# "fused_gather" (GroupedExperts / MoE only, Triton backend): the first GEMM reads the token
-# rows by index (moebal.triton_ops.triton_gather_grouped_mm), so xs is never written
-EXPERT_PATHS = ("auto", "loop", "grouped", "fused_gather")
+# "loop": per-expert GEMMs into reused buffers (moebal.experts_loop); "grouped": grouped_mm
+# (bmm with a capacity; static shapes, compiles); "bmm": padded bmm per run of adjacent
+# touched experts and "gemv": matrix-vector calls per touched expert (moebal.decode);
+# "auto": the measured rule of moebal.expert_paths; "fused_gather" (GroupedExperts / MoE
+# only, Triton backend): the first GEMM reads the token rows by index
+# (moebal.triton_ops.triton_gather_grouped_mm), so xs is never written
+EXPERT_PATHS = ("auto", "loop", "grouped", "bmm", "gemv", "fused_gather")
 
 # "gelu" is the exact erf GELU; "gelu_tanh" its tanh approximation (GPT-2's gelu_new);
 # "relu" (OPT). The gated ones split h [..., 2F] into gate then up: "swiglu" is
@@ -158,6 +162,7 @@ def expert_ffn(
     b_in_EH: torch.Tensor | None = None,
     b_out_ED: torch.Tensor | None = None,
     path: str = "auto",
+    pack=None,
 ) -> torch.Tensor:
     """The E expert FFNs over the plan's expert-contiguous rows: ``ys [R, D]``.
 
@@ -168,8 +173,10 @@ def expert_ffn(
         plan: the DispatchPlan that laid out ``xs``.
         activation: one of ``ACTIVATIONS``.
         b_in_EH, b_out_ED: optional per-expert biases ``[E, H]``, ``[E, D]``.
-        path: one of ``EXPERT_PATHS``. ``"loop"`` reads the group sizes on the host (free
-            on CPU, a sync on GPU); ``"grouped"`` has static shapes and compiles.
+        path: one of ``EXPERT_PATHS``. ``"loop"``, ``"bmm"`` and ``"gemv"`` read the group
+            sizes on the host (free on CPU, a sync on GPU); ``"grouped"`` has static shapes
+            and compiles; ``"auto"`` asks ``moebal.expert_paths.choose_path``.
+        pack: the decode layout (``moebal.decode.decode_pack``) for ``"gemv"`` and ``"bmm"``, or None.
 
     Capacity padding rows are never read by ``combine``; the loop path returns them as
     zeros and computes nothing for them.
@@ -181,14 +188,30 @@ def expert_ffn(
             "path='fused_gather' reads the token rows, not xs: call GroupedExperts.forward_tokens(x_TD, plan) "
             "(moebal.MoE does when experts.path is 'fused_gather')"
         )
+    bounds = None
     if path == "auto":
-        path = "loop" if xs_RD.device.type == "cpu" and not torch.compiler.is_compiling() else "grouped"
+        if xs_RD.device.type == "cpu" and not torch.compiler.is_compiling():
+            bounds = host_bounds(plan)
+            touched = sum(1 for _, n, _ in bounds if n)
+            rows = sum(n for _, n, _ in bounds) / max(touched, 1)
+            need = any(t is not None and t.requires_grad for t in (w_in_EDH, w_out_EFD, b_in_EH, b_out_ED))
+            path = choose_path(xs_RD, need, rows, packed=pack is not None)
+            if not path.endswith("_packed"):
+                pack = None
+            path = path.removesuffix("_packed")
+        else:
+            path = "grouped"
+    if path == "grouped":
+        return _grouped_ffn(xs_RD, w_in_EDH, w_out_EFD, b_in_EH, b_out_ED, plan, activation)
+    mixed = [t.dtype for t in (w_in_EDH, w_out_EFD, b_in_EH, b_out_ED) if t is not None and t.dtype != xs_RD.dtype]
+    if mixed:
+        raise TypeError(f"expert weights must have the dtype of xs ({xs_RD.dtype}), got {mixed}")
+    bounds = bounds if bounds is not None else host_bounds(plan)
     if path == "loop":
-        mixed = [t.dtype for t in (w_in_EDH, w_out_EFD, b_in_EH, b_out_ED) if t is not None and t.dtype != xs_RD.dtype]
-        if mixed:
-            raise TypeError(f"expert weights must have the dtype of xs ({xs_RD.dtype}), got {mixed}")
-        return loop_experts(xs_RD, w_in_EDH, w_out_EFD, b_in_EH, b_out_ED, host_bounds(plan), activation)
-    return _grouped_ffn(xs_RD, w_in_EDH, w_out_EFD, b_in_EH, b_out_ED, plan, activation)
+        return loop_experts(xs_RD, w_in_EDH, w_out_EFD, b_in_EH, b_out_ED, bounds, activation)
+    if path == "bmm":
+        return bmm_experts(xs_RD, w_in_EDH, w_out_EFD, b_in_EH, b_out_ED, bounds, activation, pack)
+    return gemv_experts(xs_RD, w_in_EDH, w_out_EFD, b_in_EH, b_out_ED, bounds, activation, pack)
 
 
 class GroupedExperts(nn.Module):
@@ -211,6 +234,7 @@ class GroupedExperts(nn.Module):
         if path not in EXPERT_PATHS:
             raise ValueError(f"path must be one of {EXPERT_PATHS}, got {path!r}")
         self.path = path
+        self._decode_pack = None  # moebal.decode.prepare_decode's layout, never saved
         self.d_model, self.d_ff, self.num_experts, self.activation = d_model, d_ff, num_experts, activation
         hidden = hidden_width(d_ff, activation)
         factory = dict(device=device, dtype=dtype)
@@ -235,9 +259,11 @@ class GroupedExperts(nn.Module):
         dtype = xs_RD.dtype
         b_in = self.b_in_EH.to(dtype) if self.b_in_EH is not None else None
         b_out = self.b_out_ED.to(dtype) if self.b_out_ED is not None else None
+        training = torch.is_grad_enabled() and self.w_in_EDH.requires_grad
+        pack = decode_pack(self, dtype) if self.path in ("auto", "gemv", "bmm") and not training else None
         return expert_ffn(
             xs_RD, pooled_cast(self.w_in_EDH, dtype), pooled_cast(self.w_out_EFD, dtype), plan, self.activation,
-            b_in, b_out, self.path,
+            b_in, b_out, self.path, pack,
         )
 
     def forward_tokens(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:

@@ -1,0 +1,201 @@
+"""Inference-shaped expert paths and the decode weight layout.
+
+Shape legend: R rows of xs, D model dim, F expert hidden, H first projection's width (2F
+gated), E experts, L experts in a run, C rows per expert of a padded run, n rows of one expert.
+
+A decode batch gives each expert a handful of rows, so the expert FFNs are
+matrix-vector shaped and bound by reading the touched experts' weights. Two paths,
+both built from differentiable torch ops (they train too, gradients tested against
+float64), both reading the group sizes on the host (free on the CPU) and touching no
+weight of an expert that got no row:
+
+- ``"gemv"``: per touched expert, ``torch.mv`` for one row and ``F.linear`` for more, on
+  the decode layout when ``prepare_decode`` made one (below), else on the stored weights.
+- ``"bmm"``: one padded ``torch.bmm`` per run of adjacent touched experts (a run of L
+  experts is a view ``w[e0:e1]`` of the stacked weights, or of the decode layout:
+  nothing is copied), each expert's rows padded to the run's largest count C.
+
+The decode layout: the stored weights are laid out for ``x @ W`` (``w_in_EDH``,
+``w_out_EFD``), and torch's bf16 matrix-vector kernels stream that layout at about half
+the rate of the transposed one (``[E, H, D]``, ``[E, D, F]``: every output a contiguous
+dot product, HF's own layout). ``prepare_decode(model)`` keeps one transposed copy of
+every expert weight in the compute dtype; it costs one more copy of the experts' memory,
+is never saved (not in ``state_dict``), is rebuilt when the weights change (their
+version counter moves) and is dropped by ``release_decode(model)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["gemv_experts", "bmm_experts", "prepare_decode", "release_decode", "DecodePack", "decode_pack"]
+
+
+@dataclass(frozen=True)
+class DecodePack:
+    """Transposed copies of one ``GroupedExperts``' weights: ``w_in_EHD [E, H, D]``, ``w_out_EDF [E, D, F]``."""
+
+    w_in_EHD: torch.Tensor
+    w_out_EDF: torch.Tensor
+    source: tuple  # (data_ptr, _version) of w_in and w_out when packed
+
+    @property
+    def nbytes(self) -> int:
+        return self.w_in_EHD.nbytes + self.w_out_EDF.nbytes
+
+
+def _source(experts) -> tuple:
+    w_in, w_out = experts.w_in_EDH, experts.w_out_EFD
+    return (w_in.data_ptr(), w_in._version, w_out.data_ptr(), w_out._version)
+
+
+def _pack(experts, dtype: torch.dtype) -> DecodePack:
+    with torch.no_grad():
+        w_in = experts.w_in_EDH.detach().to(dtype).transpose(1, 2).contiguous()
+        w_out = experts.w_out_EFD.detach().to(dtype).transpose(1, 2).contiguous()
+    return DecodePack(w_in, w_out, _source(experts))
+
+
+def decode_pack(experts, dtype: torch.dtype) -> DecodePack | None:
+    """The experts' decode layout in ``dtype`` when ``prepare_decode`` asked for one, else None.
+
+    Rebuilt here when the weights changed since it was made (an optimizer step, a
+    ``load_state_dict``) or the compute dtype differs; never used while the weights need
+    gradients (the copy is detached).
+    """
+    pack = getattr(experts, "_decode_pack", None)
+    if pack is None:
+        return None
+    if pack.w_in_EHD.dtype != dtype or pack.source != _source(experts) or pack.w_in_EHD.device != experts.w_in_EDH.device:
+        pack = _pack(experts, dtype)
+        experts._decode_pack = pack
+    return pack
+
+
+def _grouped_experts(model):
+    from moebal.experts import GroupedExperts
+
+    mods = [model] if isinstance(model, GroupedExperts) else [m for m in model.modules() if isinstance(m, GroupedExperts)]
+    if not mods:
+        raise ValueError(f"model has no moebal experts (GroupedExperts): got {type(model).__name__}")
+    return mods
+
+
+def prepare_decode(model, dtype: torch.dtype | None = None) -> int:
+    """Give every ``GroupedExperts`` in ``model`` the decode layout; returns the bytes it takes.
+
+    ``dtype``: the compute dtype (default: the weights' own). The ``"auto"`` expert path
+    then picks ``"gemv"`` on it wherever ``moebal.expert_paths.DEFAULT_RULE`` measured
+    it fastest (bf16 decode batches on the CPU).
+    """
+    total = 0
+    for ex in _grouped_experts(model):
+        ex._decode_pack = _pack(ex, dtype or ex.w_in_EDH.dtype)
+        total += ex._decode_pack.nbytes
+    return total
+
+
+def release_decode(model) -> None:
+    """Drop the decode layout of every ``GroupedExperts`` in ``model``."""
+    for ex in _grouped_experts(model):
+        ex._decode_pack = None
+
+
+def _pieces_to_rows(pieces: list[torch.Tensor], bounds, num_rows: int, like: torch.Tensor) -> torch.Tensor:
+    """Concatenate per-expert outputs (in expert order) with zero rows for padding and empty tails."""
+    out, row = [], 0
+    width = like.shape[1]
+    it = iter(pieces)
+    for s, n, _ in bounds:
+        if n == 0:
+            continue
+        if s > row:
+            out.append(like.new_zeros(s - row, width))
+        out.append(next(it))
+        row = s + n
+    if num_rows > row:
+        out.append(like.new_zeros(num_rows - row, width))
+    return torch.cat(out) if out else like.new_zeros(0, width)
+
+
+def _ffn_rows(x_nD, w_in, w_out, b_in, b_out, activation, transposed: bool) -> torch.Tensor:
+    from moebal.experts import activate
+
+    if transposed:  # w_in [H, D], w_out [D, F]
+        h = torch.mv(w_in, x_nD[0]).unsqueeze(0) if x_nD.shape[0] == 1 else F.linear(x_nD, w_in)
+    else:  # w_in [D, H], w_out [F, D]
+        h = torch.mv(w_in.t(), x_nD[0]).unsqueeze(0) if x_nD.shape[0] == 1 else x_nD @ w_in
+    if b_in is not None:
+        h = h + b_in
+    a = activate(h, activation)
+    if transposed:
+        y = torch.mv(w_out, a[0]).unsqueeze(0) if a.shape[0] == 1 else F.linear(a, w_out)
+    else:
+        y = torch.mv(w_out.t(), a[0]).unsqueeze(0) if a.shape[0] == 1 else a @ w_out
+    return y + b_out if b_out is not None else y
+
+
+def gemv_experts(xs_RD, w_in_EDH, w_out_EFD, b_in_EH, b_out_ED, bounds, activation, pack: DecodePack | None = None):
+    """``ys [R, D]``: each touched expert's rows by matrix-vector-shaped calls; padding rows zero.
+
+    ``bounds``: per expert ``(first row, rows in use, end of its block)`` (``host_bounds``).
+    ``pack``: the decode layout (``decode_pack``); used only when no weight needs a gradient.
+    """
+    use_pack = _usable(pack, w_in_EDH, w_out_EFD)
+    w_in, w_out = (pack.w_in_EHD, pack.w_out_EDF) if use_pack else (w_in_EDH, w_out_EFD)
+    pieces = [
+        _ffn_rows(xs_RD[s:s + n], w_in[e], w_out[e], None if b_in_EH is None else b_in_EH[e],
+                  None if b_out_ED is None else b_out_ED[e], activation, use_pack)
+        for e, (s, n, _) in enumerate(bounds) if n
+    ]
+    return _pieces_to_rows(pieces, bounds, xs_RD.shape[0], xs_RD.new_empty(0, w_out_EFD.shape[-1]))
+
+
+def _runs(bounds) -> list[tuple[int, int]]:
+    """``(first, end)`` expert index ranges of adjacent experts that have rows."""
+    runs: list[list[int]] = []
+    for e, (_, n, _) in enumerate(bounds):
+        if n:
+            if runs and runs[-1][1] == e:
+                runs[-1][1] = e + 1
+            else:
+                runs.append([e, e + 1])
+    return [tuple(r) for r in runs]
+
+
+def _usable(pack: DecodePack | None, w_in_EDH, w_out_EFD) -> bool:
+    """A decode layout serves only a forward that takes no weight gradient (the copy is detached)."""
+    return pack is not None and not (torch.is_grad_enabled() and (w_in_EDH.requires_grad or w_out_EFD.requires_grad))
+
+
+def bmm_experts(xs_RD, w_in_EDH, w_out_EFD, b_in_EH, b_out_ED, bounds, activation, pack: DecodePack | None = None):
+    """``ys [R, D]``: one padded ``bmm`` per run of adjacent touched experts; padding rows zero.
+
+    ``pack``: the decode layout, read through transposed views (bf16 bmm streams it faster).
+    """
+    from moebal.experts import activate
+
+    if _usable(pack, w_in_EDH, w_out_EFD):
+        w_in_EDH, w_out_EFD = pack.w_in_EHD.transpose(1, 2), pack.w_out_EDF.transpose(1, 2)
+
+    R, D = xs_RD.shape
+    zero_1D = xs_RD.new_zeros(1, D)
+    x_pad = torch.cat([xs_RD, zero_1D])  # row R is the zero row that pads each expert to C rows
+    pieces = []
+    for e0, e1 in _runs(bounds):
+        counts = [bounds[e][1] for e in range(e0, e1)]
+        C, L = max(counts), e1 - e0
+        rows_LC = torch.full((L, C), R, dtype=torch.long)
+        for i, e in enumerate(range(e0, e1)):
+            rows_LC[i, :counts[i]] = torch.arange(bounds[e][0], bounds[e][0] + counts[i])
+        x_LCD = x_pad.index_select(0, rows_LC.view(-1)).view(L, C, D)
+        h = torch.bmm(x_LCD, w_in_EDH[e0:e1])
+        if b_in_EH is not None:
+            h = h + b_in_EH[e0:e1].unsqueeze(1)
+        y_LCD = torch.bmm(activate(h, activation), w_out_EFD[e0:e1])
+        if b_out_ED is not None:
+            y_LCD = y_LCD + b_out_ED[e0:e1].unsqueeze(1)
+        pieces += [y_LCD[i, :n] for i, n in enumerate(counts)]
+    return _pieces_to_rows(pieces, bounds, R, xs_RD.new_empty(0, w_out_EFD.shape[-1]))
