@@ -104,7 +104,13 @@ def release_decode(model) -> None:
 
 
 def _pieces_to_rows(pieces: list[torch.Tensor], bounds, num_rows: int, like: torch.Tensor) -> torch.Tensor:
-    """Concatenate per-expert outputs (in expert order) with zero rows for padding and empty tails."""
+    """Concatenate per-expert outputs (in expert order) with zero rows for padding and empty tails.
+
+    ``like``: an empty ``[0, D]`` tensor of the output's dtype, or, when no expert has a row,
+    the whole (zero) output itself.
+    """
+    if not pieces:  # no expert has a row: all R rows are padding (zero rows of xs); keep the graph to xs
+        return like
     out, row = [], 0
     width = like.shape[1]
     it = iter(pieces)
@@ -117,7 +123,7 @@ def _pieces_to_rows(pieces: list[torch.Tensor], bounds, num_rows: int, like: tor
         row = s + n
     if num_rows > row:
         out.append(like.new_zeros(num_rows - row, width))
-    return torch.cat(out) if out else like.new_zeros(0, width)
+    return torch.cat(out)
 
 
 def _ffn_rows(x_nD, w_in, w_out, b_in, b_out, activation, transposed: bool) -> torch.Tensor:
@@ -150,7 +156,7 @@ def gemv_experts(xs_RD, w_in_EDH, w_out_EFD, b_in_EH, b_out_ED, bounds, activati
                   None if b_out_ED is None else b_out_ED[e], activation, use_pack)
         for e, (s, n, _) in enumerate(bounds) if n
     ]
-    return _pieces_to_rows(pieces, bounds, xs_RD.shape[0], xs_RD.new_empty(0, w_out_EFD.shape[-1]))
+    return _pieces_to_rows(pieces, bounds, xs_RD.shape[0], xs_RD * 0 if not pieces else xs_RD.new_empty(0, w_out_EFD.shape[-1]))
 
 
 def _runs(bounds) -> list[tuple[int, int]]:
@@ -198,4 +204,4 @@ def bmm_experts(xs_RD, w_in_EDH, w_out_EFD, b_in_EH, b_out_ED, bounds, activatio
         if b_out_ED is not None:
             y_LCD = y_LCD + b_out_ED[e0:e1].unsqueeze(1)
         pieces += [y_LCD[i, :n] for i, n in enumerate(counts)]
-    return _pieces_to_rows(pieces, bounds, R, xs_RD.new_empty(0, w_out_EFD.shape[-1]))
+    return _pieces_to_rows(pieces, bounds, R, xs_RD * 0 if not pieces else xs_RD.new_empty(0, w_out_EFD.shape[-1]))

@@ -19,9 +19,13 @@ The rule, in order:
 4. any dtype or shape the table does not hold (float16, float64, rows not a multiple of
    16 bytes): ``"loop"``.
 
-The table comes from ``benchmarks/bench_decode.py --paths`` (experts alone, forward
-under ``inference_mode``, every candidate timed side by side, median over interleaved
-rounds); the README shows the measurements behind it.
+The table comes from ``benchmarks/bench_decode.py --paths`` (``moebal.bench.decode.
+run_path_grid``: experts alone at d=1024, f=384, E=64, K=8, T = 1 ... 512 tokens, forward
+under ``inference_mode``, every candidate timed side by side, median of 9 interleaved
+rounds, one thread; saved in ``benchmarks/results/expert_paths_cpu.json``), each cell
+the path with the least summed time over the batch sizes in its bucket; the README
+shows the measurements behind it. More than one thread has no measured cells yet, so
+it keeps the loop (the path before this rule).
 """
 from __future__ import annotations
 
@@ -32,23 +36,23 @@ import torch
 
 __all__ = ["PathRule", "DEFAULT_RULE", "ROW_BUCKETS", "INFERENCE_TABLE", "choose_path"]
 
-ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-PACKED = "_packed"  # a table path on the decode layout: "gemv_packed", "bmm_packed"  # rows per touched expert; more than 64 counts as 64
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # rows per touched expert; more than 64 counts as 64
+PACKED = "_packed"  # a table path on the decode layout: "gemv_packed", "bmm_packed"
 
 # (dtype, threads: 1 or 2 = "more than one", rows bucket) -> (best path, best without the decode
 # layout); a path ending in PACKED runs on the decode layout
 INFERENCE_TABLE: dict[tuple[str, int, int], tuple[str, str]] = {
     ('bf16', 1, 1): ('gemv_packed', 'grouped'),
-    ('bf16', 1, 2): ('gemv_packed', 'grouped'),
+    ('bf16', 1, 2): ('gemv_packed', 'bmm'),
     ('bf16', 1, 4): ('bmm_packed', 'bmm'),
     ('bf16', 1, 8): ('bmm', 'bmm'),
     ('bf16', 1, 16): ('bmm_packed', 'bmm'),
     ('bf16', 1, 32): ('bmm', 'bmm'),
-    ('bf16', 1, 64): ('bmm', 'bmm'),
+    ('bf16', 1, 64): ('loop', 'loop'),
     ('fp32', 1, 1): ('grouped', 'grouped'),
     ('fp32', 1, 2): ('grouped', 'grouped'),
     ('fp32', 1, 4): ('grouped', 'grouped'),
-    ('fp32', 1, 8): ('loop', 'loop'),
+    ('fp32', 1, 8): ('grouped', 'grouped'),
     ('fp32', 1, 16): ('grouped', 'grouped'),
     ('fp32', 1, 32): ('grouped', 'grouped'),
     ('fp32', 1, 64): ('grouped', 'grouped'),

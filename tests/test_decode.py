@@ -1,0 +1,168 @@
+"""The inference-shaped expert paths ("gemv", "bmm") and prepare_decode's layout.
+
+Values and gradients against a float64 per-expert loop written here; the decode layout
+against the same loop, its refresh when the weights change, and the layer in the setups
+users run inference in (inference_mode, bf16, deepcopy, state_dict, padding masks, T=0).
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moebal
+from moebal import Router
+from moebal.decode import decode_pack, prepare_decode, release_decode
+from moebal.dispatch import dispatch_rows
+from moebal.experts import expert_ffn
+from moebal.plan import build_plan
+
+from _routing_cases import random_routing
+
+
+def _act64(h, activation):
+    if activation == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        return gate * torch.sigmoid(gate) * up
+    if activation == "relu":
+        return h.clamp_min(0)
+    return F.gelu(h, approximate="tanh" if activation == "gelu_tanh" else "none")
+
+
+def _ref(xs, w_in, w_out, b_in, b_out, plan, activation):
+    """float64 loop: expert e maps its kept rows; every other row (padding, tail) is zero."""
+    ys = torch.zeros(xs.shape[0], w_out.shape[-1], dtype=torch.float64)
+    for e in range(w_in.shape[0]):
+        s, n = int(plan.starts_E[e]), int(plan.kept_E[e])
+        for r in range(s, s + n):
+            h = xs[r].double() @ w_in[e].double() + (0 if b_in is None else b_in[e].double())
+            ys[r] = _act64(h, activation) @ w_out[e].double() + (0 if b_out is None else b_out[e].double())
+    return ys
+
+
+def _params(E, D, F_, activation, bias, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    H = 2 * F_ if activation == "swiglu" else F_
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64) / s[-2] ** 0.5 if len(s) > 2 \
+        else torch.randn(*s, generator=g, dtype=torch.float64) * 0.1  # noqa: E731
+    ps = [mk(E, D, H), mk(E, F_, D)] + ([mk(E, H), mk(E, D)] if bias else [None, None])
+    return [p.to(dtype).requires_grad_(True) if p is not None else None for p in ps]
+
+
+# (T, D, F, E, K, capacity, why)
+CASES = [
+    (1, 4, 3, 6, 2, None),  # one token: two experts touched, the rest skipped
+    (3, 8, 5, 7, 3, None),  # prime E, decode-sized: runs of adjacent experts of mixed lengths
+    (13, 9, 6, 5, 5, None),  # K = E: every expert touched, one run, uneven rows padded in the bmm
+    (24, 8, 6, 6, 2, 3),  # capacity: drops and padded blocks
+    (9, 5, 4, 4, 2, 6),  # capacity above every load: padding rows only
+    (0, 8, 4, 4, 2, None),  # T = 0
+]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("activation", ["swiglu", "gelu", "relu"])
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("path", ["gemv", "bmm"])
+def test_paths_match_float64_loop_values_and_grads(path, case, activation, bias):
+    T, D, F_, E, K, cap = case
+    idx, _ = random_routing(T, E, K, seed=T + E)
+    plan = build_plan(idx, E, cap)
+    g = torch.Generator().manual_seed(1)
+    xs = torch.randn(plan.num_rows, D, generator=g, dtype=torch.float64)
+    xs = torch.where((plan.token_of_row_R >= 0).unsqueeze(1), xs, 0.0).requires_grad_(True)
+    w_in, w_out, b_in, b_out = _params(E, D, F_, activation, bias, torch.float64, seed=2)
+    ys = expert_ffn(xs, w_in, w_out, plan, activation, b_in, b_out, path=path)
+    ref = _ref(xs, w_in, w_out, b_in, b_out, plan, activation)
+    torch.testing.assert_close(ys, ref, rtol=1e-12, atol=1e-12)
+    leaves = [t for t in (xs, w_in, w_out, b_in, b_out) if t is not None]
+    gy = torch.randn(ys.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad(ys, leaves, gy, allow_unused=True)
+    if ref.requires_grad:
+        want = torch.autograd.grad(ref, leaves, gy, allow_unused=True)
+    else:  # no row reaches an expert (T = 0): every gradient is zero
+        want = [torch.zeros_like(t) for t in leaves]
+    for a, b in zip(got, want):
+        a = torch.zeros_like(b) if a is None else a
+        b = torch.zeros_like(a) if b is None else b
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("path", ["gemv", "bmm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_layout_matches_float64_and_the_loop_path(path, dtype):
+    """With the decode layout: within 2x the loop path's own error from float64 (+ a small atol)."""
+    torch.manual_seed(0)
+    moe = moebal.MoE(32, 16, 8, 2, router=Router(32, 8, 2, balancer=None)).eval().to(dtype)
+    x = torch.randn(5, 32).to(dtype)
+    with torch.inference_mode():
+        r = moe.router(x)
+        plan = build_plan(r.indices, 8, None, r.weights)
+        xs = dispatch_rows(x, plan)
+        ex = moe.experts
+        prepare_decode(moe)
+        pack = decode_pack(ex, dtype)
+        ys = expert_ffn(xs, ex.w_in_EDH, ex.w_out_EFD, plan, path=path, pack=pack)
+        loop = expert_ffn(xs, ex.w_in_EDH, ex.w_out_EFD, plan, path="loop")
+    ref = _ref(xs, ex.w_in_EDH, ex.w_out_EFD, None, None, plan, "swiglu")
+    loop_err = (loop.double() - ref).abs().max().item()
+    assert (ys.double() - ref).abs().max().item() <= 2 * loop_err + (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+def test_decode_layout_is_rebuilt_when_weights_change_and_never_saved():
+    torch.manual_seed(0)
+    moe = moebal.MoE(16, 8, 4, 2, router=Router(16, 4, 2, balancer=None)).eval()
+    nbytes = prepare_decode(moe)
+    assert nbytes == moe.experts.w_in_EDH.nbytes + moe.experts.w_out_EFD.nbytes
+    assert not any("pack" in k for k in moe.state_dict())
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        moe.experts.w_in_EDH.mul_(2.0)  # an in-place update (an optimizer step) moves the version counter
+        pack = decode_pack(moe.experts, torch.float32)
+        torch.testing.assert_close(pack.w_in_EHD, moe.experts.w_in_EDH.transpose(1, 2), rtol=0, atol=0)
+        y_new = moe(x)
+    ref = copy.deepcopy(moe)
+    release_decode(ref)
+    ref.experts.path = "loop"
+    with torch.no_grad():
+        torch.testing.assert_close(y_new, ref(x), rtol=1e-6, atol=1e-6)
+    clone = copy.deepcopy(moe).to(torch.bfloat16)  # a cast: the pack is remade in the new dtype
+    with torch.inference_mode():
+        clone(x.bfloat16())
+    assert decode_pack(clone.experts, torch.bfloat16).w_in_EHD.dtype == torch.bfloat16
+    fresh = moebal.MoE(16, 8, 4, 2, router=Router(16, 4, 2, balancer=None))
+    fresh.load_state_dict(moe.state_dict())  # loads cleanly: nothing of the pack is expected
+    with pytest.raises(ValueError, match="model has no moebal experts"):
+        prepare_decode(torch.nn.Linear(2, 2))
+
+
+def test_training_forward_never_uses_the_decode_layout():
+    """A forward that takes gradients runs on the live weights: they get the same gradient as without a pack."""
+    torch.manual_seed(0)
+    moe = moebal.MoE(16, 8, 4, 2, router=Router(16, 4, 2, balancer=None))
+    ref = copy.deepcopy(moe)
+    prepare_decode(moe)
+    x = torch.randn(6, 16)
+    for m in (moe, ref):
+        m.experts.path = "gemv"
+        m(x).square().sum().backward()
+    torch.testing.assert_close(moe.experts.w_in_EDH.grad, ref.experts.w_in_EDH.grad)
+    torch.testing.assert_close(moe.experts.w_out_EFD.grad, ref.experts.w_out_EFD.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_inference_with_padding_mask_and_zero_tokens(dtype):
+    """The auto path at eval: masked tokens give zero, kept tokens equal the loop path; T=0 works."""
+    torch.manual_seed(0)
+    moe = moebal.MoE(32, 16, 8, 2, router=Router(32, 8, 2, balancer=None)).eval().to(dtype)
+    ref = copy.deepcopy(moe)
+    ref.experts.path = "loop"
+    prepare_decode(moe)
+    x = torch.randn(2, 4, 32).to(dtype)
+    mask = torch.tensor([[True, True, False, False], [True, True, True, True]])
+    with torch.inference_mode():
+        y, y_ref = moe(x, token_mask=mask), ref(x, token_mask=mask)
+        assert (y[~mask] == 0).all()
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(y, y_ref, **tol)
+        assert moe(x[:, :0]).shape == (2, 0, 32)
