@@ -12,11 +12,14 @@ from moebal.router import AuxLoss, LinearAssignment, LossFree, Router, Routing, 
 from moebal.stats import BalanceStats
 from moebal.hf import swap_ffn  # transformers itself is imported lazily, only when used
 from moebal.training import aux_loss, balance_report, register_bias_update_hook
+from moebal.decode import prepare_decode, release_decode
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MoE",
+    "prepare_decode",
+    "release_decode",
     "SoftMoE",
     "SoftMoEStats",
     "MultiGateMoE",
