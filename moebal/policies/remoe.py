@@ -32,10 +32,11 @@ def remoe_l1_loss(relu_TE: torch.Tensor, k: float, mask_T: torch.Tensor | None =
     weighted by how often it is active. 0 for no counted token (never NaN).
     """
     E = relu_TE.shape[-1]
-    if mask_T is not None:
+    if mask_T is None:  # n as a tensor op: a Python int of T would make torch.compile specialise on T
+        n = relu_TE.new_ones(relu_TE.shape[0], dtype=torch.float32).sum().clamp(min=1)
+    else:
         relu_TE = torch.where(mask_T[:, None], relu_TE, 0.0)
-    n = relu_TE.shape[0] if mask_T is None else mask_T.sum()
-    n = torch.as_tensor(n, dtype=torch.float32, device=relu_TE.device).clamp(min=1)
+        n = mask_T.sum().float().clamp(min=1)
     active_E = (relu_TE.detach() > 0).sum(0).float()
     return E * torch.dot(active_E / (n * k), relu_TE.float().sum(0) / n)
 
@@ -71,7 +72,11 @@ class ReMoE(Policy):
 
     State: ``router.remoe_lambda``, an fp32 persistent buffer (stays fp32 under
     ``.to(dtype)``, saved in ``state_dict``), starting at ``lambda0``. The loss of a
-    checkpoint's recompute uses the lambda its first pass used.
+    checkpoint's recompute uses the lambda its first pass used. A step rebinds the buffer
+    to a new tensor rather than updating it in place (the loss just computed holds the old
+    one for its backward): a reference taken to ``router.remoe_lambda`` does not follow it
+    (DDP's buffer broadcast included: with data parallelism set ``balance_group`` so every
+    rank steps its lambda from the same summed counts).
 
     Args:
         k: target experts per token (target sparsity ``1 - k/E``), ``0 < k <= E``.
@@ -134,8 +139,7 @@ class ReMoE(Policy):
             return None
         lam = ctx.replayed("remoe.lambda")
         if lam is None:
-            # a copy: the buffer moves in place in commit(), after the loss saved it for backward
-            lam = ctx.router.remoe_lambda.clone()
+            lam = ctx.router.remoe_lambda  # never changed in place (see step), so no copy is needed
             ctx.remember("remoe.lambda", lam)
         mask_T = ctx.mask_T
         relu_TE = torch.relu(ctx.logits_TE)
@@ -154,7 +158,11 @@ class ReMoE(Policy):
     def step(self, router, zero_outputs: torch.Tensor, outputs: torch.Tensor) -> None:
         """One multiplicative lambda step from a count of zero ReLU outputs among ``outputs``
         (no step when ``outputs`` is 0)."""
-        sparsity = zero_outputs.double() / outputs.double().clamp(min=1)
-        direction = torch.sign(self.sparsity_target(router) - sparsity)
+        # S < 1 - k/E  <=>  zeros * E < (E - k) * outputs: compared so, an exact hit reads as equal
+        E = router.num_choices
+        direction = torch.sign((E - self.k) * outputs.double() - E * zero_outputs.double())
         direction = torch.where(outputs > 0, direction, 0.0)
-        router.remoe_lambda.mul_(torch.pow(self.alpha, direction).float())
+        # a new tensor, not an in-place update: this forward's loss saved the old lambda for its
+        # backward, and torch.compile (2.13, aot_eager and inductor) would read an in-place
+        # update there even through a clone
+        router.remoe_lambda = router.remoe_lambda * torch.pow(self.alpha, direction).float()
