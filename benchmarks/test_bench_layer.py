@@ -131,3 +131,87 @@ def test_gemm_floor_runs_on_tiny():
     assert out["per_expert_cached_gemms_s"] > 0 and out["cached_ratio"] > 0
     with pytest.raises(ValueError, match="divisible"):
         bench.gemm_floor(bench.LayerConfig("odd", 5, 8, 8, 3, 1))
+
+
+# --- decode-sized batches (moebal bench --decode) ------------------------------------------
+
+from moebal.bench import decode  # noqa: E402
+
+DECODE_SHAPE = decode.DECODE_SHAPE if FULL else decode.TINY_SHAPE
+DECODE_IMPLS = list(decode.MOEBAL_IMPLS) + [n for n in _peer_names() if n.startswith("hf_")]
+_DECODE_CACHE = {}
+
+
+def _decode_setup(dtype):
+    if dtype not in _DECODE_CACHE:
+        _DECODE_CACHE.clear()
+        torch.set_num_threads(int(os.environ.get("MOEBAL_BENCH_THREADS", "1")))
+        _, mods32, _ = decode._build_decode(DECODE_SHAPE, 0, True)
+        _DECODE_CACHE[dtype] = decode._variants(mods32, bench.DTYPES[dtype])
+    return _DECODE_CACHE[dtype]
+
+
+@pytest.mark.parametrize("tokens", [1, 8, 64])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("impl", DECODE_IMPLS)
+def test_decode(benchmark, impl, dtype, tokens):
+    mods = _decode_setup(dtype)
+    if impl not in mods:
+        pytest.skip(f"{impl} not available here")
+    m = mods[impl]
+    x = torch.randn(tokens, DECODE_SHAPE.d_model, generator=torch.Generator().manual_seed(1)).to(bench.DTYPES[dtype])
+    benchmark.group = f"decode-{dtype}-T{tokens}"
+    benchmark.extra_info.update(tokens=tokens, dtype=dtype, threads=torch.get_num_threads())
+
+    def step():
+        with torch.inference_mode():
+            return m(x)
+
+    y = benchmark.pedantic(step, rounds=15 if FULL else 1, warmup_rounds=2 if FULL else 0)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+
+
+def test_decode_bench_result_and_table():
+    seen = []
+    result = decode.run_decode_bench(tokens=(0, 1, 3), shape=decode.TINY_SHAPE, repeats=2, warmup=0,
+                                     bandwidth_bytes=1 << 20, progress=seen.append)
+    assert result["schema"] == decode.SCHEMA and result["read_bandwidth_GBps"] > 0
+    assert len(result["points"]) == 6 and len(seen) == 7  # the bandwidth line, then one per point
+    per_expert_bytes = 3 * decode.TINY_SHAPE.d_model * decode.TINY_SHAPE.d_ff  # gate, up and down projections
+    for p in result["points"]:
+        itemsize = 4 if p["dtype"] == "fp32" else 2
+        assert p["touched_weight_bytes"] == p["experts_touched"] * per_expert_bytes * itemsize
+        assert (p["experts_touched"] == 0) == (p["tokens"] == 0)
+        assert p["impls"]["moebal"]["ratio_to_moebal"] == pytest.approx(1.0)
+        for name, v in p["impls"].items():
+            assert v["median_s"] == pytest.approx(statistics.median(v["times_s"]))
+            assert v["GBps"] == pytest.approx(p["touched_weight_bytes"] / v["median_s"] / 1e9)
+            assert v["bandwidth_fraction"] == pytest.approx(v["GBps"] / result["read_bandwidth_GBps"])
+            if p["dtype"] == "fp32":
+                assert v["max_abs_err_vs_loop"] < 1e-5, name  # same routing, same weights
+    table = decode.format_decode_table(result)
+    assert "moebal_unpacked" in table and "GB/s" in table
+
+
+def test_decode_cli_smoke(tmp_path, capsys):
+    import time
+
+    from moebal.cli import main
+
+    t0 = time.perf_counter()
+    path = tmp_path / "decode.json"
+    assert main(["bench", "--decode", "--configs", "tiny", "--tokens", "1,3", "--repeats", "1",
+                 "--json", str(path)]) == 0
+    assert time.perf_counter() - t0 < 10
+    assert "T  dtype" in capsys.readouterr().out
+    assert {p["tokens"] for p in json.loads(path.read_text())["points"]} == {1, 3}
+
+
+def test_path_grid_and_its_table():
+    grid = decode.run_path_grid(tokens=(1, 6), dtypes=("fp32",), shape=decode.TINY_SHAPE, repeats=1)
+    assert [p["tokens"] for p in grid["points"]] == [1, 6]
+    table = decode.table_from_grid(grid)
+    for p in grid["points"]:
+        assert set(p["median_s"]) == set(decode.PATH_CANDIDATES)
+        best, unpacked = table[("fp32", 1, p["rows_bucket"])]
+        assert best in decode.PATH_CANDIDATES and not unpacked.endswith("_packed")

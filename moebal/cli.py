@@ -269,14 +269,21 @@ def _add_bench(sub) -> None:
                    help="comma list among fwd,fwd+bwd (default: fwd,fwd+bwd)")
     p.add_argument("--threads", type=_int_list, default=(1,),
                    help="CPU threads; a comma list runs one full pass per count (default: 1)")
-    p.add_argument("--repeats", type=_positive_int, default=5,
-                   help="timed rounds; each implementation keeps its fastest (default: %(default)s)")
+    p.add_argument("--repeats", type=_positive_int, default=None,
+                   help="timed rounds; each implementation keeps its fastest (--decode: the median counts) "
+                        "(default: 5, --decode: 15)")
     p.add_argument("--timer", choices=("auto", "cpu", "wall"), default="auto",
                    help="auto: process CPU time with one thread (robust on shared cores), wall time with more")
     p.add_argument("--no-peers", action="store_true", help="skip the peer implementations")
     p.add_argument("--floor", action="store_true",
                    help="also time the per-expert GEMMs alone against the dense FFN's GEMMs (the GEMM floor "
                         "no per-expert-GEMM MoE can beat)")
+    p.add_argument("--decode", action="store_true",
+                   help="decode-sized batches instead: forward under inference_mode at --tokens, d=1024 f=384 E=64 "
+                        "K=8 (--configs tiny: a smoke-test shape), moebal next to HF's eager and grouped_mm experts, "
+                        "with the touched expert bytes, GB/s and the fraction of a read bandwidth measured here")
+    p.add_argument("--tokens", type=_int_list, default=(1, 8, 64),
+                   help="--decode: comma list of batch sizes in tokens (default: 1,8,64)")
     p.add_argument("--json", metavar="PATH", help="write the full result to this JSON file")
     p.add_argument("--plot", metavar="PNG",
                    help="draw a PNG from a saved JSON (--from JSON, or the --json just written)")
@@ -298,13 +305,15 @@ def _run_bench(args, parser) -> int:
         bench.plot(args.from_json, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
         return 0
+    if args.decode:
+        return _run_bench_decode(args, parser, bench)
     unknown = [c for c in args.configs if c not in bench.CONFIGS]
     if unknown:
         parser.error(f"argument --configs: unknown config(s) {', '.join(unknown)}; known: {', '.join(bench.CONFIGS)}")
     threads = args.threads[0] if len(args.threads) == 1 else args.threads
     result = bench.run_layer_bench(
         configs=args.configs, dtypes=args.dtypes, modes=args.modes, threads=threads, peers=not args.no_peers,
-        repeats=args.repeats, timer=args.timer, floor=args.floor, progress=lambda line: print(line, file=sys.stderr, flush=True),
+        repeats=args.repeats or 5, timer=args.timer, floor=args.floor, progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
     print(bench.format_table(result))
     if args.json:
@@ -383,6 +392,28 @@ def _run_multitask(args, parser) -> int:
         return 1
     for path in paths.values():
         print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _run_bench_decode(args, parser, bench) -> int:
+    from moebal.bench import decode
+
+    if args.plot:
+        parser.error("--plot draws the training bench; --decode writes its table and --json only")
+    configs = tuple(args.configs)
+    if configs not in (("A", "B", "C"), ("tiny",)):
+        parser.error("--decode runs one shape: leave --configs out (d=1024 f=384 E=64 K=8) or give --configs tiny")
+    tiny = configs == ("tiny",)
+    result = decode.run_decode_bench(
+        tokens=args.tokens, dtypes=args.dtypes, shape=decode.TINY_SHAPE if tiny else decode.DECODE_SHAPE,
+        threads=args.threads[0], peers=not args.no_peers, repeats=args.repeats or 15, warmup=1 if tiny else 2,
+        timer=args.timer, bandwidth_bytes=(1 << 22) if tiny else (1 << 30),
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    print(decode.format_decode_table(result))
+    if args.json:
+        bench.save_json(result, args.json)
+        print(f"wrote {args.json}", file=sys.stderr)
     return 0
 
 
