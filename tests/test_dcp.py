@@ -4,7 +4,9 @@ A model trained 3 steps on a 2 x 2 (dp, ep) mesh (FSDP2 on its non-expert parame
 loss-free biases moving) is saved with ``dcp.save`` and loaded, into freshly initialised
 models, at EP = 4 (1-D mesh of 4), at EP = 2 (ranks 0 and 1 only) and into the plain
 single-process model in this pytest process (``no_dist=True``). The reference is the
-trained model's own eval output and bias, saved by rank 0 before anything is loaded.
+trained model's own eval output and bias, saved by rank 0 before anything is loaded, and
+the AdamW moments of an expert weight gathered from every rank with a plain all_gather
+(saved and loaded through ``optimizer_state_dict`` / ``load_optimizer_state_dict``).
 """
 import copy
 import os
@@ -19,7 +21,15 @@ from torch.distributed.device_mesh import DeviceMesh
 
 import moebal
 from moebal import LossFree, Router
-from moebal.parallel import expert_parallel, expert_parameters, fsdp_mesh, init_expert_mesh, sync_gradients
+from moebal.parallel import (
+    expert_parallel,
+    expert_parameters,
+    fsdp_mesh,
+    init_expert_mesh,
+    load_optimizer_state_dict,
+    optimizer_state_dict,
+    sync_gradients,
+)
 
 from _spawn import assert_check_passed, checks_of, spawn_checks
 
@@ -69,30 +79,43 @@ def check_dcp_save_2x2_load_at_ep4_and_ep2(rank, world, tmp):
         sync_gradients(model)
         opt.step()
     y_saved, bias_saved = _evaluate(model)
-    dcp.save(model.state_dict(), checkpoint_id=ckpt)
+    model.reshard()  # FSDP2 leaves the root's parameters unsharded after a forward
+    # the reference moments: every rank's local Adam state, gathered with a plain all_gather
+    moments = [torch.empty_like(opt.state[model.moe.experts.w_in_EDH]["exp_avg"]) for _ in range(world)]
+    dist.all_gather(moments, opt.state[model.moe.experts.w_in_EDH]["exp_avg"])
+    full_moment = torch.cat(moments[:2])  # ranks 0 and 1 are (dp 0, ep 0) and (dp 0, ep 1)
+    inp_moment = optimizer_state_dict(model, opt)["state"]["inp.weight"]["exp_avg"].full_tensor()
+    dcp.save({"model": model.state_dict(), "optim": optimizer_state_dict(model, opt)}, checkpoint_id=ckpt)
     if rank == 0:
-        torch.save({"y": y_saved, "bias": bias_saved}, os.path.join(tmp, "reference.pt"))
+        torch.save({"y": y_saved, "bias": bias_saved, "exp_avg": full_moment, "inp_exp_avg": inp_moment},
+                   os.path.join(tmp, "reference.pt"))
 
     # EP = 4: a 1-D mesh over the 4 ranks, weights initialised differently before the load
     model4 = expert_parallel(Net(seed=1), init_expert_mesh(ep=4))
-    state = model4.state_dict()
+    opt4 = torch.optim.AdamW(model4.parameters(), lr=1e-2)
+    state = {"model": model4.state_dict(), "optim": optimizer_state_dict(model4, opt4)}
     dcp.load(state, checkpoint_id=ckpt)
-    model4.load_state_dict(state)
+    model4.load_state_dict(state["model"])
+    load_optimizer_state_dict(model4, opt4, state["optim"])
     y4, bias4 = _evaluate(model4)
+    moment4 = opt4.state[model4.moe.experts.w_in_EDH]["exp_avg"]
+    steps4 = opt4.state[model4.moe.experts.w_in_EDH]["step"]
 
     # EP = 2 on ranks 0 and 1 (a 1-D mesh over a sub-group); ranks 2 and 3 wait
     pair = dist.new_group([0, 1])
     if rank < 2:
         model2 = expert_parallel(Net(seed=2), DeviceMesh.from_group(pair, "cpu", mesh_dim_names=("ep",)))
-        state = model2.state_dict()
+        state = {"model": model2.state_dict()}
         dcp.load(state, checkpoint_id=ckpt, process_group=pair)
-        model2.load_state_dict(state)
+        model2.load_state_dict(state["model"])
         y2, bias2 = _evaluate(model2)
         assert model2.moe.experts.num_experts == E // 2
         torch.testing.assert_close(y2, y_saved, **TOL)
         assert torch.equal(bias2, bias_saved), (bias2.tolist(), bias_saved.tolist())
 
     assert model4.moe.experts.num_experts == E // 4
+    assert torch.equal(moment4, full_moment[rank * E // 4:(rank + 1) * E // 4])
+    assert int(steps4) == 3
     torch.testing.assert_close(y4, y_saved, **TOL)
     assert torch.equal(bias4, bias_saved), (bias4.tolist(), bias_saved.tolist())
     assert bias_saved.abs().sum() > 0  # the biases moved during training
@@ -155,14 +178,21 @@ def test_dcp_2x2_checkpoint_loads_into_one_plain_process(spawned):
         pytest.fail(f"the 4-process run wrote no checkpoint: {results[0]}")
     ckpt = os.path.join(tmp, "ckpt")
     meta = dcp.FileSystemReader(ckpt).read_metadata().state_dict_metadata
-    assert tuple(meta["moe.experts.w_in_EDH"].size) == (E, D, 2 * F)  # stored at the global shape
-    assert tuple(meta["inp.weight"].size) == (D, D)  # FSDP's shards, stored at the global shape
+    assert tuple(meta["model.moe.experts.w_in_EDH"].size) == (E, D, 2 * F)  # stored at the global shape
+    assert tuple(meta["optim.state.moe.experts.w_in_EDH.exp_avg"].size) == (E, D, 2 * F)
+    assert tuple(meta["model.inp.weight"].size) == (D, D)  # FSDP's shards, stored at the global shape
+
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
     model = Net(seed=5)
-    state = model.state_dict()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    state = {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}
     dcp.load(state, checkpoint_id=ckpt, no_dist=True)
-    model.load_state_dict(state)
+    model.load_state_dict(state["model"])
+    set_optimizer_state_dict(model, opt, state["optim"])
     y, bias = _evaluate(model)
     reference = torch.load(os.path.join(tmp, "reference.pt"))
     torch.testing.assert_close(y, reference["y"], **TOL)
     assert torch.equal(bias, reference["bias"]), (bias.tolist(), reference["bias"].tolist())
+    assert torch.equal(opt.state[model.moe.experts.w_in_EDH]["exp_avg"], reference["exp_avg"])
+    assert torch.equal(opt.state[model.inp.weight]["exp_avg"], reference["inp_exp_avg"])

@@ -9,7 +9,9 @@
   parameters (``fully_shard`` over :func:`fsdp_mesh`) alone.
 - Checkpoints: an expert-parallel model's ``state_dict()`` holds the expert weights as
   global DTensors (``Shard(0)`` over ``ep``), so ``torch.distributed.checkpoint`` saves it
-  once and loads it at another ``ep`` size or into the plain model in one process.
+  once and loads it at another ``ep`` size or into the plain model in one process;
+  :func:`optimizer_state_dict` / :func:`load_optimizer_state_dict` do the same for the
+  optimizer's per-parameter state.
 - Data-parallel balancing: :func:`set_balance_group` makes routers sum their loss-free
   and global-batch counts over the data-parallel group (bit-identical biases on every
   rank); :class:`GlobalBatchBalance` accumulates ``AuxLoss(variant="global_batch")`` counts
@@ -22,6 +24,7 @@
 from moebal.parallel.balance import GlobalBatchBalance, set_balance_group
 from moebal.parallel.collectives import all_to_all, check_same_config
 from moebal.parallel.expert_parallel import ExpertParallel, expert_parallel, expert_parameters, sync_gradients
+from moebal.parallel.optim_state import load_optimizer_state_dict, optimizer_state_dict
 from moebal.parallel.mesh import ExpertMesh, fsdp_mesh, init_expert_mesh, resolve_expert_mesh
 from moebal.parallel.shuffle import TokenShuffle, TokenShufflePlan, shuffle_permutation
 
@@ -34,6 +37,8 @@ __all__ = [
     "init_expert_mesh",
     "resolve_expert_mesh",
     "fsdp_mesh",
+    "optimizer_state_dict",
+    "load_optimizer_state_dict",
     "set_balance_group",
     "GlobalBatchBalance",
     "TokenShuffle",

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["expert_placements", "to_global_state", "from_global_state"]
+__all__ = ["expert_placements", "global_shape", "to_global_state", "from_global_state"]
 
 
 def expert_placements(emesh) -> tuple:
@@ -35,7 +35,7 @@ def expert_placements(emesh) -> tuple:
     return tuple(placements)
 
 
-def _global_shape(local: torch.Tensor, num_global: int) -> tuple[torch.Size, tuple[int, ...]]:
+def global_shape(local: torch.Tensor, num_global: int) -> tuple[torch.Size, tuple[int, ...]]:
     shape = torch.Size((num_global,) + tuple(local.shape[1:]))
     stride, acc = [], 1
     for n in reversed(shape):
@@ -54,7 +54,7 @@ def to_global_state(layer, state_dict: dict, prefix: str) -> None:
         local = state_dict.get(key)
         if local is None or isinstance(local, DTensor):
             continue
-        shape, stride = _global_shape(local, layer.num_global_experts)
+        shape, stride = global_shape(local, layer.num_global_experts)
         state_dict[key] = DTensor.from_local(
             local, emesh.mesh, placements, run_check=False, shape=shape, stride=stride
         )
