@@ -14,7 +14,7 @@ The rule, in order:
 3. CPU, no gradient (``inference_mode``/``no_grad``, or nothing requires grad): the
    measured table ``INFERENCE_TABLE`` by dtype, thread count (1 or more) and rows per
    touched expert (rounded up to the next bucket of ``ROW_BUCKETS``); a cell names the
-   fastest path (``"gemv_packed"``/``"bmm_packed"``: on the decode layout) and the
+   fastest path (``"*_packed"``: on the decode layout) and the
    fastest without the decode layout, taken when ``prepare_decode`` made none;
 4. any dtype or shape the table does not hold (float16, float64, rows not a multiple of
    16 bytes): ``"loop"``.
@@ -37,25 +37,25 @@ import torch
 __all__ = ["PathRule", "DEFAULT_RULE", "ROW_BUCKETS", "INFERENCE_TABLE", "choose_path"]
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # rows per touched expert; more than 64 counts as 64
-PACKED = "_packed"  # a table path on the decode layout: "gemv_packed", "bmm_packed"
+PACKED = "_packed"  # a table path on the decode layout: "gemv_packed", "bmm_packed", "grouped_packed"
 
 # (dtype, threads: 1 or 2 = "more than one", rows bucket) -> (best path, best without the decode
 # layout); a path ending in PACKED runs on the decode layout
 INFERENCE_TABLE: dict[tuple[str, int, int], tuple[str, str]] = {
     ('bf16', 1, 1): ('gemv_packed', 'grouped'),
-    ('bf16', 1, 2): ('gemv_packed', 'bmm'),
+    ('bf16', 1, 2): ('gemv_packed', 'grouped'),
     ('bf16', 1, 4): ('bmm_packed', 'bmm'),
-    ('bf16', 1, 8): ('bmm', 'bmm'),
+    ('bf16', 1, 8): ('bmm_packed', 'bmm'),
     ('bf16', 1, 16): ('bmm_packed', 'bmm'),
     ('bf16', 1, 32): ('bmm', 'bmm'),
-    ('bf16', 1, 64): ('loop', 'loop'),
-    ('fp32', 1, 1): ('grouped', 'grouped'),
-    ('fp32', 1, 2): ('grouped', 'grouped'),
-    ('fp32', 1, 4): ('grouped', 'grouped'),
-    ('fp32', 1, 8): ('grouped', 'grouped'),
+    ('bf16', 1, 64): ('bmm', 'bmm'),
+    ('fp32', 1, 1): ('grouped_packed', 'grouped'),
+    ('fp32', 1, 2): ('grouped_packed', 'grouped'),
+    ('fp32', 1, 4): ('grouped_packed', 'grouped'),
+    ('fp32', 1, 8): ('grouped_packed', 'grouped'),
     ('fp32', 1, 16): ('grouped', 'grouped'),
-    ('fp32', 1, 32): ('grouped', 'grouped'),
-    ('fp32', 1, 64): ('grouped', 'grouped'),
+    ('fp32', 1, 32): ('grouped_packed', 'grouped'),
+    ('fp32', 1, 64): ('loop', 'loop'),
 }
 
 

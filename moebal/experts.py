@@ -176,7 +176,9 @@ def expert_ffn(
         path: one of ``EXPERT_PATHS``. ``"loop"``, ``"bmm"`` and ``"gemv"`` read the group
             sizes on the host (free on CPU, a sync on GPU); ``"grouped"`` has static shapes
             and compiles; ``"auto"`` asks ``moebal.expert_paths.choose_path``.
-        pack: the decode layout (``moebal.decode.decode_pack``) for ``"gemv"`` and ``"bmm"``, or None.
+        pack: the decode layout (``moebal.decode.decode_pack``) for ``"gemv"``, ``"bmm"`` and
+            ``"grouped"`` (read through transposed views), or None; used only when no weight
+            needs a gradient.
 
     Capacity padding rows are never read by ``combine``; the loop path returns them as
     zeros and computes nothing for them.
@@ -202,6 +204,8 @@ def expert_ffn(
         else:
             path = "grouped"
     if path == "grouped":
+        if pack is not None and not (torch.is_grad_enabled() and (w_in_EDH.requires_grad or w_out_EFD.requires_grad)):
+            w_in_EDH, w_out_EFD = pack.w_in_EHD.transpose(1, 2), pack.w_out_EDF.transpose(1, 2)
         return _grouped_ffn(xs_RD, w_in_EDH, w_out_EFD, b_in_EH, b_out_ED, plan, activation)
     mixed = [t.dtype for t in (w_in_EDH, w_out_EFD, b_in_EH, b_out_ED) if t is not None and t.dtype != xs_RD.dtype]
     if mixed:
@@ -260,7 +264,7 @@ class GroupedExperts(nn.Module):
         b_in = self.b_in_EH.to(dtype) if self.b_in_EH is not None else None
         b_out = self.b_out_ED.to(dtype) if self.b_out_ED is not None else None
         training = torch.is_grad_enabled() and self.w_in_EDH.requires_grad
-        pack = decode_pack(self, dtype) if self.path in ("auto", "gemv", "bmm") and not training else None
+        pack = decode_pack(self, dtype) if self.path in ("auto", "gemv", "bmm", "grouped") and not training else None
         return expert_ffn(
             xs_RD, pooled_cast(self.w_in_EDH, dtype), pooled_cast(self.w_out_EFD, dtype), plan, self.activation,
             b_in, b_out, self.path, pack,

@@ -88,7 +88,7 @@ def test_paths_match_float64_loop_values_and_grads(path, case, activation, bias)
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("path", ["gemv", "bmm"])
+@pytest.mark.parametrize("path", ["gemv", "bmm", "grouped"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_layout_matches_float64_and_the_loop_path(path, dtype):
     """With the decode layout: within 2x the loop path's own error from float64 (+ a small atol)."""

@@ -216,7 +216,7 @@ def format_decode_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-PATH_CANDIDATES = ("loop", "grouped", "bmm", "gemv", "bmm_packed", "gemv_packed")
+PATH_CANDIDATES = ("loop", "grouped", "bmm", "gemv", "grouped_packed", "bmm_packed", "gemv_packed")
 
 
 def run_path_grid(tokens=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), dtypes=("fp32", "bf16"),
