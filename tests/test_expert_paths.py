@@ -58,9 +58,11 @@ def test_layer_runs_the_path_the_rule_picks(monkeypatch, dtype, packed):
 
         monkeypatch.setattr(experts, name, spy)
     real_grouped = experts._grouped_ffn
-    monkeypatch.setattr(experts, "_grouped_ffn", lambda *a: calls.append(("grouped", False)) or real_grouped(*a))
     torch.manual_seed(0)
     moe = moebal.MoE(32, 16, 8, 2, router=Router(32, 8, 2, balancer=None)).eval().to(dtype)
+    stored = moe.experts.w_in_EDH.data_ptr()  # grouped on the decode layout gets other weights than the stored ones
+    monkeypatch.setattr(experts, "_grouped_ffn",
+                        lambda *a: calls.append(("grouped", a[1].data_ptr() != stored)) or real_grouped(*a))
     if packed:
         prepare_decode(moe)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
