@@ -264,7 +264,8 @@ class GroupedExperts(nn.Module):
         b_in = self.b_in_EH.to(dtype) if self.b_in_EH is not None else None
         b_out = self.b_out_ED.to(dtype) if self.b_out_ED is not None else None
         training = torch.is_grad_enabled() and self.w_in_EDH.requires_grad
-        pack = decode_pack(self, dtype) if self.path in ("auto", "gemv", "bmm", "grouped") and not training else None
+        wants_pack = self.path in ("auto", "gemv", "bmm", "grouped") and not torch.compiler.is_compiling()
+        pack = decode_pack(self, dtype) if wants_pack and not training else None  # compiled: the stored weights
         return expert_ffn(
             xs_RD, pooled_cast(self.w_in_EDH, dtype), pooled_cast(self.w_out_EFD, dtype), plan, self.activation,
             b_in, b_out, self.path, pack,

@@ -166,3 +166,33 @@ def test_layer_inference_with_padding_mask_and_zero_tokens(dtype):
         tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
         torch.testing.assert_close(y, y_ref, **tol)
         assert moe(x[:, :0]).shape == (2, 0, 32)
+
+
+def test_decode_layout_layer_compiles_fullgraph_with_varying_tokens():
+    """Compiled, the layer ignores the decode layout (its freshness check reads data pointers) and
+    keeps the grouped path; values equal the eager loop path at every token count."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    moe = moebal.MoE(16, 8, 4, 2, router=Router(16, 4, 2, balancer=None)).eval()
+    ref = copy.deepcopy(moe)
+    ref.experts.path = "loop"
+    prepare_decode(moe)
+    compiled = torch.compile(moe, fullgraph=True, dynamic=True, backend="aot_eager")
+    with torch.no_grad():
+        for T in (3, 5, 9):
+            x = torch.randn(T, 16)
+            torch.testing.assert_close(compiled(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_decode_layout_under_autocast_is_made_in_the_autocast_dtype():
+    """fp32 master weights under bf16 autocast at eval: the pack is bf16 and the output matches the loop path's."""
+    torch.manual_seed(0)
+    moe = moebal.MoE(32, 16, 8, 2, router=Router(32, 8, 2, balancer=None)).eval()
+    ref = copy.deepcopy(moe)
+    ref.experts.path = "loop"
+    prepare_decode(moe)
+    x = torch.randn(3, 32)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_ref = moe(x), ref(x)
+    assert y.dtype == torch.bfloat16 and moe.experts._decode_pack.w_in_EHD.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=2e-2, atol=2e-2)
