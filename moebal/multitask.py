@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moebal.recompute import in_backward
 from moebal.multitask_stats import MultiGateStats, MultiTaskMeter, multigate_stats
 
 __all__ = ["MultiGateMoE", "ExpertNorm", "MultiGateStats", "MultiTaskMeter"]
@@ -43,7 +44,8 @@ class ExpertNorm(nn.Module):
     """BatchNorm over the batch of each expert's output ``[E, B, F]`` (HoME's expert norm).
 
     Training: normalise per (expert, feature) with the batch mean and biased variance and
-    update the running estimates (only when B > 1); eval: use the running estimates.
+    update the running estimates (only when B > 1, and not in an activation checkpoint's
+    recompute, so a checkpointed step moves them once); eval: use the running estimates.
     """
 
     def __init__(self, num_experts: int, features: int, eps: float = 1e-5, momentum: float = 0.1,
@@ -68,7 +70,7 @@ class ExpertNorm(nn.Module):
             yf = y_EBF.float()
             mean = yf.mean(1)
             var = yf.var(1, unbiased=False)
-            if B > 1:
+            if B > 1 and not in_backward():  # a checkpoint's recompute must not count the batch twice
                 with torch.no_grad():
                     self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
                     unbiased = var * (B / (B - 1))
@@ -80,7 +82,8 @@ class ExpertNorm(nn.Module):
 
 
 class MultiGateMoE(nn.Module):
-    """Multi-task MoE: ``x [B, d_in]`` -> list of K task outputs ``[B, d_out]``.
+    """Multi-task MoE: ``x [B, d_in]`` -> a tuple of K task outputs ``[B, d_out]`` (a tuple, so
+    the layer runs as is under ``torch.utils.checkpoint`` in both modes).
 
     Args:
         d_in, d_out: input and output feature dims.
@@ -198,6 +201,8 @@ class MultiGateMoE(nn.Module):
         self.register_buffer("own_KE", own.to(target), persistent=False)
         self.register_buffer("shared_E", shared.to(target), persistent=False)
         self.owner = owner
+        self._wiring_cpu = {"expert_input_E": in_idx, "own_KE": own, "shared_E": shared}
+        self._masks_cpu: list[torch.Tensor] = []
 
         default = torch.ones(K, E, dtype=torch.bool, device=cpu)
         if mode in ("cgc", "ple", "mmoeex", "home"):
@@ -226,6 +231,7 @@ class MultiGateMoE(nn.Module):
             f = d_out if level == levels - 1 else self.d_expert
             blk = nn.Module()
             blk.register_buffer("mask_GE", m.clone().to(target))
+            self._masks_cpu.append(m.clone())
             blk.w1 = nn.Parameter(torch.empty(E, d, d_hidden, **fk))
             blk.b1 = nn.Parameter(torch.empty(E, d_hidden, **fk))
             blk.w2 = nn.Parameter(torch.empty(E, d_hidden, f, **fk))
@@ -245,7 +251,16 @@ class MultiGateMoE(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """``nn.Linear``'s init for experts and gates; feature gates' A to zero (identity)."""
+        """``nn.Linear``'s init for experts and gates; feature gates' A to zero (identity).
+
+        Also rewrites the wiring buffers (masks, expert inputs, own/shared flags) from the
+        values the layer was built with, so ``to_empty`` after meta-device init loses nothing.
+        """
+        with torch.no_grad():
+            for name, value in self._wiring_cpu.items():
+                getattr(self, name).copy_(value)
+            for blk, m in zip(self.blocks, self._masks_cpu):
+                blk.mask_GE.copy_(m)
         for blk in self.blocks:
             d, h = blk.w1.shape[1], blk.w1.shape[2]
             for w, b, fan in ((blk.w1, blk.b1, d), (blk.w2, blk.b2, h), (blk.gate_w, blk.gate_b, d)):
@@ -269,13 +284,14 @@ class MultiGateMoE(nn.Module):
             logits = logits.masked_fill(~keep, float("-inf"))
         return torch.softmax(logits, dim=-1)
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a tensor [B, {self.d_in}], got {type(x).__name__}")
         if x.dim() != 2 or x.shape[1] != self.d_in:
             raise ValueError(f"x must have shape [B, {self.d_in}], got {tuple(x.shape)}")
         K = self.num_tasks
         act = _ACTS[self.activation]
+        recompute = in_backward()  # an activation checkpoint's second run: no statistics
         inputs = x.unsqueeze(0).expand(K + 1, *x.shape)  # [K+1, B, D]: tasks, then shared
         stats = []
         for level, blk in enumerate(self.blocks):
@@ -293,11 +309,12 @@ class MultiGateMoE(nn.Module):
             if self.self_gates:
                 s = self._gate(torch.baddbmm(blk.self_b[:, None], inputs[:K], blk.self_w), self.own_KE)
                 out = torch.cat([out[:K] + torch.einsum("kbe,ebf->kbf", s.to(y.dtype), y), out[K:]])
-            if self.track_stats:
+            if self.track_stats and not recompute:
                 stats.append(multigate_stats(w[:K], h, y, self.own_KE, self.shared_E))
             inputs = out
-        self.last_stats = stats if self.track_stats else None
-        return list(inputs.unbind(0))
+        if not recompute:
+            self.last_stats = stats if self.track_stats else None
+        return tuple(inputs.unbind(0))
 
     def extra_repr(self) -> str:
         return (f"d_in={self.d_in}, d_out={self.d_out}, num_tasks={self.num_tasks}, "
