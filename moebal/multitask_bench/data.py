@@ -51,6 +51,8 @@ def make_tasks(
             raise ValueError(f"{name} must be in [-1, 1], got {v!r}")
     if not 0.0 < sparse_fraction <= 1.0:
         raise ValueError(f"sparse_fraction must be in (0, 1], got {sparse_fraction!r}")
+    if n_train < 2 or n_test < 2:
+        raise ValueError(f"n_train and n_test must be >= 2, got n_train={n_train!r}, n_test={n_test!r}")
     if d_in < 3:
         raise ValueError(f"d_in must be >= 3 (three orthogonal task directions), got {d_in!r}")
     g = torch.Generator().manual_seed(seed)
@@ -72,7 +74,7 @@ def make_tasks(
     x_tr, y_tr = draw(n_train)
     x_te, y_te = draw(n_test)
     labelled = torch.ones(n_train, 3, dtype=torch.bool)
-    n_sparse = max(1, round(sparse_fraction * n_train))
+    n_sparse = max(2, round(sparse_fraction * n_train))  # two labels at least: a standard deviation
     keep = torch.randperm(n_train, generator=g)[:n_sparse]
     labelled[:, 2] = False
     labelled[keep, 2] = True
