@@ -347,7 +347,7 @@ def _add_multitask(sub) -> None:
             "multi-task regression built in code: two dense tasks whose correlation is swept (Ma et al. 2018's "
             "protocol) and a data-sparse task with about 1 % of its labels. Prints per-task test R^2 and the "
             "gate statistics (shared-expert occupancy, own-expert use, dead units), writes results.json, "
-            "report.md, quality.png and gate_mass.png to --out. About 3 minutes on 2 cores."
+            "report.md, quality.png and gate_mass.png to --out. About 4 minutes on 2 cores."
         ),
     )
     p.add_argument("--out", default="moebal-multitask", help="output directory (default: %(default)s)")
