@@ -24,9 +24,6 @@ Dynamic k's cost follows its experts per token, which depends on the router's st
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
 from statistics import NormalDist
 
 import torch
@@ -34,7 +31,7 @@ from torch import nn
 
 import moebal
 from moebal.bench.configs import CONFIGS
-from moebal.bench.timing import _time_round_robin, paired_ratio
+from moebal.bench.timing import _time_round_robin, paired_ratio, ratio_bench_main
 
 SEQUENCES = 4
 
@@ -108,27 +105,18 @@ def bench(config: str, repeats: int, warmup: int) -> dict:
     }
 
 
+def _config(c: str, repeats: int, warmup: int) -> dict:
+    res = bench(c, repeats, warmup)
+    print(f"config {c} ({CONFIGS[c]}): layer fwd+bwd, ratio to plain top-k (median of paired rounds)")
+    print(f"  {'layer':18s} {'ratio':>6s} {'best ms':>8s} {'exp/tok':>7s}")
+    for name, r in res.items():
+        ept = "-" if r["experts_per_token"] is None else f"{r['experts_per_token']:.2f}"
+        print(f"  {name:18s} {r['ratio_to_topk']:6.3f} {r['best_s'] * 1e3:8.1f} {ept:>7s}")
+    return res
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--configs", nargs="+", default=["A", "C"], choices=sorted(CONFIGS))
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    out = {"threads": args.threads, "torch": torch.__version__, "cpu_count": os.cpu_count(), "configs": {}}
-    for c in args.configs:
-        res = bench(c, args.repeats, args.warmup)
-        out["configs"][c] = res
-        print(f"config {c} ({CONFIGS[c]}): layer fwd+bwd, ratio to plain top-k (median of paired rounds)")
-        print(f"  {'layer':18s} {'ratio':>6s} {'best ms':>8s} {'exp/tok':>7s}")
-        for name, r in res.items():
-            ept = "-" if r["experts_per_token"] is None else f"{r['experts_per_token']:.2f}"
-            print(f"  {name:18s} {r['ratio_to_topk']:6.3f} {r['best_s'] * 1e3:8.1f} {ept:>7s}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
+    ratio_bench_main(__doc__, _config)
 
 
 if __name__ == "__main__":

@@ -12,16 +12,13 @@ distribution over a 32k vocabulary, its balanced table fitted on those ids' coun
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
 
 import torch
 from torch import nn
 
 import moebal
 from moebal.bench.configs import CONFIGS
-from moebal.bench.timing import _time_round_robin, paired_ratio
+from moebal.bench.timing import _time_round_robin, paired_ratio, ratio_bench_main
 
 VOCAB = 32768
 SEQUENCES = 4  # the T tokens form 4 sequences
@@ -108,27 +105,18 @@ def bench(config: str, repeats: int, warmup: int) -> dict:
     }
 
 
+def _config(c: str, repeats: int, warmup: int) -> dict:
+    res = bench(c, repeats, warmup)
+    print(f"config {c} ({CONFIGS[c]}): ratio to plain top-k (median of paired rounds)")
+    print(f"  {'policy':16s} {'layer fwd+bwd':>14s} {'best ms':>9s} {'router fwd':>11s} {'best ms':>8s}")
+    for name, r in res.items():
+        print(f"  {name:16s} {r['ratio_to_topk']:14.3f} {r['best_s'] * 1e3:9.1f} "
+              f"{r['router_fwd_ratio_to_topk']:11.3f} {r['router_fwd_best_s'] * 1e3:8.2f}")
+    return res
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--configs", nargs="+", default=["A", "C"], choices=sorted(CONFIGS))
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    out = {"threads": args.threads, "torch": torch.__version__, "cpu_count": os.cpu_count(), "configs": {}}
-    for c in args.configs:
-        res = bench(c, args.repeats, args.warmup)
-        out["configs"][c] = res
-        print(f"config {c} ({CONFIGS[c]}): ratio to plain top-k (median of paired rounds)")
-        print(f"  {'policy':16s} {'layer fwd+bwd':>14s} {'best ms':>9s} {'router fwd':>11s} {'best ms':>8s}")
-        for name, r in res.items():
-            print(f"  {name:16s} {r['ratio_to_topk']:14.3f} {r['best_s'] * 1e3:9.1f} "
-                  f"{r['router_fwd_ratio_to_topk']:11.3f} {r['router_fwd_best_s'] * 1e3:8.2f}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
+    ratio_bench_main(__doc__, _config)
 
 
 if __name__ == "__main__":

@@ -16,16 +16,13 @@ for random tokens at each config.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
 
 import torch
 from torch import nn
 
 import moebal
 from moebal.bench.configs import CONFIGS
-from moebal.bench.timing import _time_round_robin, paired_ratio
+from moebal.bench.timing import _time_round_robin, paired_ratio, ratio_bench_main
 
 SEQUENCES = 4
 
@@ -97,32 +94,22 @@ def zero_share_at_init(config: str, top_k: int | None = None, seeds: int = 3) ->
     return sum(shares) / len(shares)
 
 
+def _config(c: str, repeats: int, warmup: int) -> dict:
+    res = bench(c, repeats, warmup)
+    zero, zero_k1 = zero_share_at_init(c), zero_share_at_init(c, top_k=1)
+    print(f"config {c} ({CONFIGS[c]}): layer fwd+bwd, ratio to plain top-k (median of paired rounds)")
+    print(f"  {'policy':18s} {'ratio':>6s} {'best ms':>8s} {'rows':>6s} {'exp/tok':>7s} {'min':>4s} {'max':>4s} {'none':>6s}")
+    for name, r in res.items():
+        p = r["experts_per_token"]
+        print(f"  {name:18s} {r['ratio_to_topk']:6.3f} {r['best_s'] * 1e3:8.1f} {r['rows']:6d} "
+              f"{p['mean']:7.2f} {p['min']:4d} {p['max']:4d} {p['zero_share']:6.3f}")
+    print(f"  expert choice at init (capacity 1, random tokens): {zero:.3f} of tokens get no expert "
+          f"(K={CONFIGS[c].top_k}); {zero_k1:.3f} with K=1")
+    return {"policies": res, "expert_choice_zero_share_at_init": zero, "expert_choice_zero_share_at_init_k1": zero_k1}
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--configs", nargs="+", default=["A", "C"], choices=sorted(CONFIGS))
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    out = {"threads": args.threads, "torch": torch.__version__, "cpu_count": os.cpu_count(), "configs": {}}
-    for c in args.configs:
-        res = bench(c, args.repeats, args.warmup)
-        zero, zero_k1 = zero_share_at_init(c), zero_share_at_init(c, top_k=1)
-        out["configs"][c] = {"policies": res, "expert_choice_zero_share_at_init": zero,
-                             "expert_choice_zero_share_at_init_k1": zero_k1}
-        print(f"config {c} ({CONFIGS[c]}): layer fwd+bwd, ratio to plain top-k (median of paired rounds)")
-        print(f"  {'policy':18s} {'ratio':>6s} {'best ms':>8s} {'rows':>6s} {'exp/tok':>7s} {'min':>4s} {'max':>4s} {'none':>6s}")
-        for name, r in res.items():
-            p = r["experts_per_token"]
-            print(f"  {name:18s} {r['ratio_to_topk']:6.3f} {r['best_s'] * 1e3:8.1f} {r['rows']:6d} "
-                  f"{p['mean']:7.2f} {p['min']:4d} {p['max']:4d} {p['zero_share']:6.3f}")
-        print(f"  expert choice at init (capacity 1, random tokens): {zero:.3f} of tokens get no expert "
-              f"(K={CONFIGS[c].top_k}); {zero_k1:.3f} with K=1")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
+    ratio_bench_main(__doc__, _config)
 
 
 if __name__ == "__main__":

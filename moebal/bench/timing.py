@@ -173,3 +173,32 @@ def gemm_floor(config, dtype="fp32", repeats: int = 3, timer: str = "cpu") -> di
             "dense_gemms_s": best["dense"], "per_expert_gemms_s": best["per_expert"],
             "per_expert_cached_gemms_s": best["cached"],
             "ratio": best["per_expert"] / best["dense"], "cached_ratio": best["cached"] / best["dense"]}
+
+
+def ratio_bench_main(doc: str, run_config, default_configs=("A", "C")) -> dict:
+    """The command line the policy benchmarks share (``benchmarks/bench_policies.py``,
+    ``bench_dynamic_k.py``, ``bench_variable_k.py``): ``--configs``, ``--repeats``,
+    ``--warmup``, ``--threads``, ``--out``. ``run_config(name, repeats, warmup)`` measures
+    one config, prints its table and returns its JSON-able result; the results of every
+    config go to ``--out`` as ``{"threads", "torch", "cpu_count", "configs": {name: result}}``."""
+    import argparse
+    import json
+    import os
+
+    from moebal.bench.configs import CONFIGS
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--configs", nargs="+", default=list(default_configs), choices=sorted(CONFIGS))
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    out = {"threads": args.threads, "torch": torch.__version__, "cpu_count": os.cpu_count(), "configs": {}}
+    for name in args.configs:
+        out["configs"][name] = run_config(name, args.repeats, args.warmup)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+    return out
