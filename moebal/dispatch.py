@@ -238,6 +238,8 @@ def dispatch_rows(x_TD: torch.Tensor, plan: DispatchPlan, backend: str = "auto")
         from moebal.triton_ops import triton_dispatch
 
         return triton_dispatch(x_TD, plan)
+    if not _needs_graph(x_TD):  # no gradient: the forward alone, without autograd.Function's bookkeeping
+        return _gather_rows(x_TD, plan.token_of_row_R, plan.has_drops)
     return _TorchDispatch.apply(x_TD, plan)
 
 
@@ -254,7 +256,16 @@ def combine_rows(ys_RD: torch.Tensor, plan: DispatchPlan, weights_TK: torch.Tens
         from moebal.triton_ops import triton_combine
 
         return triton_combine(ys_RD, plan, weights_TK)
+    if not _needs_graph(ys_RD, weights_TK):
+        return _combine_fwd(ys_RD.contiguous(), weights_TK, plan)
     return _TorchCombine.apply(ys_RD, weights_TK, plan)
+
+
+def _needs_graph(*tensors: torch.Tensor) -> bool:
+    """Whether the autograd Function must run: a gradient can flow, or torch.compile traces it."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def dispatch(

@@ -29,6 +29,7 @@ from moebal.policies import AuxLoss, LinearAssignment, LossFree, Policy, RouteCo
 from moebal.policies.base import check_coefficient
 from moebal.policies.group import GroupRef, all_reduce_sum
 from moebal.recompute import Selection, SelectionLog, fingerprint, in_backward, saving_under_hooks
+from moebal.router_lean import lean_route
 
 __all__ = ["Router", "Routing", "AuxLoss", "LossFree", "LinearAssignment", "update_biases", "make_router"]
 
@@ -294,6 +295,9 @@ class Router(nn.Module):
         token_mask = _check_per_token("token_mask", token_mask, T, bool_=True)
         token_ids = _check_per_token("token_ids", token_ids, T)
         token_groups = _check_per_token("token_groups", token_groups, T)
+        lean = lean_route(self, x_TD, token_mask, token_ids, token_groups, seq_len, causal)
+        if lean is not None:  # eval, no gradient, plain top-k on the CPU: the same routing in fewer ops
+            return lean
         selector = self.selector
         needs_logits = self.z_loss > 0 or selector is None or any(p.needs_logits for p in self.policies)
         if needs_logits:
