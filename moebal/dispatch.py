@@ -91,6 +91,19 @@ def _combine_fwd(ys_RD, weights_TK, plan: DispatchPlan):
     return y_TD
 
 
+def _combine_small(ys_RD, weights_TK, plan: DispatchPlan):
+    """``_combine_fwd`` of a batch that fits one token chunk and has no row -1, in 3-5 ops.
+
+    The same gather, fp32 copy and ``bmm`` (so the same values), into fresh tensors
+    instead of pooled scratch: at decode sizes (a few tokens) the op count is the cost.
+    """
+    T, K = plan.row_of_pair_TK.shape
+    dtype, acc = ys_RD.dtype, _acc(ys_RD.dtype)
+    g_NKD = ys_RD.index_select(0, plan.row_of_pair_TK.reshape(-1)).view(T, K, ys_RD.shape[1])
+    y_T1D = torch.bmm(weights_TK.to(acc).unsqueeze(1), g_NKD.to(acc))
+    return y_T1D.view(T, ys_RD.shape[1]).to(dtype)
+
+
 def _combine_bwd(grad_y_TD, ys_RD, weights_TK, plan: DispatchPlan):
     T, K = plan.row_of_pair_TK.shape
     pad = plan.has_drops
@@ -257,7 +270,8 @@ def combine_rows(ys_RD: torch.Tensor, plan: DispatchPlan, weights_TK: torch.Tens
 
         return triton_combine(ys_RD, plan, weights_TK)
     if not _needs_graph(ys_RD, weights_TK):
-        return _combine_fwd(ys_RD.contiguous(), weights_TK, plan)
+        small = not plan.has_drops and plan.num_tokens <= _token_chunk(*plan.row_of_pair_TK.shape, ys_RD.shape[1], ys_RD.dtype)
+        return (_combine_small if small else _combine_fwd)(ys_RD.contiguous(), weights_TK, plan)
     return _TorchCombine.apply(ys_RD, weights_TK, plan)
 
 

@@ -6,6 +6,7 @@ Shape legend: T tokens, D model dim, F expert hidden, E experts, K top-k, R xs r
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -266,7 +267,8 @@ class MoE(nn.Module):
             causal=self.causal,
         )
         device_type = x_TD.device.type
-        if torch.is_autocast_enabled(device_type) and x_TD.dtype != torch.float64:
+        autocast_on = torch.is_autocast_enabled(device_type)
+        if autocast_on and x_TD.dtype != torch.float64:
             # as nn.Linear under autocast: the GEMMs' operands in the autocast dtype (the experts
             # cast their weights to the rows' dtype), fp32 master weights get fp32 gradients
             x_TD = x_TD.to(torch.get_autocast_dtype(device_type))
@@ -294,7 +296,8 @@ class MoE(nn.Module):
                 ys_RD = self.experts.forward_tokens(x_TD, plan)
         else:
             xs_RD = dispatch_rows(x_TD, plan, self.backend)
-            with torch.autocast(device_type, enabled=False):  # x_TD already has the compute dtype
+            # x_TD already has the compute dtype; without autocast on, no context to enter (a decode step's µs)
+            with torch.autocast(device_type, enabled=False) if autocast_on else contextlib.nullcontext():
                 ys_RD = self.experts(xs_RD, plan)
         y_TD = combine_rows(ys_RD, plan, routing.weights, self.backend)
         if null_TK is not None and self.null_expert == "identity":

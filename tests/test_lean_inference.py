@@ -185,6 +185,22 @@ def test_no_grad_dispatch_combine_match_loop(dtype):
     torch.testing.assert_close(y.double(), ref, **tol)
     xg = x.clone().requires_grad_(True)  # with a gradient the autograd Functions still run
     assert dispatch_rows(xg, plan).grad_fn is not None
+    y_graph = combine_rows(ys.clone().requires_grad_(True), plan, w)  # the pooled, chunked forward
+    assert y_graph.grad_fn is not None and torch.equal(y, y_graph.detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_grad_combine_of_no_tokens_and_of_dropped_pairs(dtype):
+    plan = build_plan(torch.zeros(0, 2, dtype=torch.long), 4)
+    with torch.no_grad():
+        assert combine_rows(torch.zeros(0, 8, dtype=dtype), plan, torch.zeros(0, 2)).shape == (0, 8)
+    indices = torch.tensor([[0, 1], [0, 2], [0, 3]])  # capacity 1: expert 0 drops tokens 1 and 2
+    plan = build_plan(indices, 4, capacity=1)
+    ys = torch.arange(4 * 3, dtype=dtype).view(4, 3) + 1
+    with torch.no_grad():
+        y = combine_rows(ys, plan, torch.ones(3, 2))
+    ref = torch.stack([ys[0] + ys[1], ys[2], ys[3]])  # rows: expert e's one seat is row e
+    assert torch.equal(y, ref)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
