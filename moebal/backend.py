@@ -65,9 +65,11 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     device = torch.device(device)
-    forced = backend == "auto" and _env_override() is not None
-    if backend == "auto":
-        backend = explain_auto(device)[0]
+    forced = False
+    if backend == "auto":  # explain_auto's choice, without building its message (this runs thrice a forward)
+        env = _env_override()
+        forced = env is not None
+        backend = env if forced else "triton" if device.type == "cuda" and _triton_available() else "torch"
     if backend == "triton":
         why = _triton_blocker(device)
         if why is not None and forced:  # the user never passed backend='triton': name what did

@@ -297,7 +297,7 @@ class Router(nn.Module):
         token_groups = _check_per_token("token_groups", token_groups, T)
         lean = lean_route(self, x_TD, token_mask, token_ids, token_groups, seq_len, causal)
         if lean is not None:  # eval, no gradient, plain top-k on the CPU: the same routing in fewer ops
-            return lean
+            return Routing(*lean)
         selector = self.selector
         needs_logits = self.z_loss > 0 or selector is None or any(p.needs_logits for p in self.policies)
         if needs_logits:

@@ -20,6 +20,7 @@ general path casts it every forward.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from moebal import routing as R
 from moebal.policies import RouteContext
 
-__all__ = ["lean_route"]
+__all__ = ["lean_route", "LeanRouting"]
 
 
 def _gate_fp32(router) -> torch.Tensor:
@@ -55,15 +56,25 @@ def _applies(router, x_TD: torch.Tensor) -> bool:
     return not (torch.is_grad_enabled() and (x_TD.requires_grad or router.gate.weight.requires_grad))
 
 
-def lean_route(router, x_TD, token_mask=None, token_ids=None, token_groups=None, seq_len=None, causal=False):
-    """``router``'s ``Routing`` of ``x [T, D]`` by plain top-k, or None where the general path must run.
+class LeanRouting(NamedTuple):
+    """The fields of ``moebal.Routing`` that a lean routing sets (the rest keep their defaults)."""
 
-    Takes what ``Router.forward`` takes, already checked. The same ops as the general path
-    on the values it keeps (``F.linear`` of the fp32 input and gate, ``softmax``/``sigmoid``,
-    ``topk`` of K+1, ``gather``, the quotient), so the result is bit-identical to it.
+    indices: torch.Tensor  # int64 [T, K]; -1 = a masked token
+    weights: torch.Tensor  # fp32 [T, K]
+    scores: torch.Tensor  # fp32 [T, E]
+    aux_loss: torch.Tensor  # fp32 scalar
+    nonfinite_tokens: torch.Tensor  # int64 scalar, 0
+
+
+def lean_route(router, x_TD, token_mask=None, token_ids=None, token_groups=None, seq_len=None,
+               causal=False) -> LeanRouting | None:
+    """``router``'s routing of ``x [T, D]`` by plain top-k, or None where the general path must run.
+
+    Takes what ``Router.forward`` takes, already checked, and returns the fields of its
+    ``Routing``. The same ops as the general path on the values it keeps (``F.linear`` of
+    the fp32 input and gate, ``softmax``/``sigmoid``, ``topk`` of K+1, ``gather``, the
+    quotient), so the result is bit-identical to it.
     """
-    from moebal.router import Routing
-
     if not _applies(router, x_TD):
         return None
     logits_TE = F.linear(x_TD.float(), _gate_fp32(router))
@@ -96,4 +107,4 @@ def lean_route(router, x_TD, token_mask=None, token_ids=None, token_groups=None,
             term = policy.loss(ctx)
             if term is not None:
                 aux = aux + term
-    return Routing(indices_TK, weights_TK, scores_TE, aux, torch.zeros((), dtype=torch.int64))
+    return LeanRouting(indices_TK, weights_TK, scores_TE, aux, torch.zeros((), dtype=torch.int64))

@@ -27,7 +27,35 @@ SCHEMA = "moebal.bench.decode/1"
 # fine-grained experts (DeepSeek/Qwen3-MoE-like), the shape of the inference-speed issue
 DECODE_SHAPE = LayerConfig("decode", 1, 1024, 384, 64, 8)
 TINY_SHAPE = LayerConfig("decode-tiny", 1, 32, 16, 8, 2)
-MOEBAL_IMPLS = ("moebal", "moebal_unpacked", "moebal_loop")
+MOEBAL_IMPLS = ("moebal", "moebal_general", "moebal_unpacked", "moebal_loop")
+
+
+class _GeneralPaths(torch.nn.Module):
+    """A moebal layer run with the lean inference paths switched off, for a same-process A/B.
+
+    The lean router (``moebal.router_lean``), the lean dropless plan and the autograd-free
+    dispatch/combine each shortcut a general path and give the same values; switched off
+    for this module's forward, it runs the general router, plan and autograd Functions:
+    the layer as it ran before those paths (the decode layout and the path rule stay).
+    """
+
+    def __init__(self, moe):
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, x):
+        import moebal.dispatch as dispatch_mod
+        import moebal.plan as plan_mod
+        import moebal.router as router_mod
+
+        saved = (router_mod.lean_route, plan_mod._lean_dropless_plan, dispatch_mod._needs_graph)
+        router_mod.lean_route = lambda *a, **k: None
+        plan_mod._lean_dropless_plan = lambda *a, **k: None
+        dispatch_mod._needs_graph = lambda *a: True
+        try:
+            return self.moe(x)
+        finally:
+            router_mod.lean_route, plan_mod._lean_dropless_plan, dispatch_mod._needs_graph = saved
 
 
 def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 3, timer: str = "cpu") -> float:
@@ -65,7 +93,8 @@ def _build_decode(shape: LayerConfig, seed: int, peers):
 
 
 def _variants(mods32: dict, dtype) -> dict:
-    """The timed modules in ``dtype``: moebal with and without the decode layout, its loop path, the peers."""
+    """The timed modules in ``dtype``: moebal with and without the decode layout, with its lean inference
+    paths off, its loop path, the peers."""
     import copy
 
     from moebal.decode import prepare_decode
@@ -74,6 +103,9 @@ def _variants(mods32: dict, dtype) -> dict:
     base = copy.deepcopy(mods32["moebal"]).to(dtype)
     out["moebal"] = base
     prepare_decode(base)
+    general = copy.deepcopy(mods32["moebal"]).to(dtype)
+    prepare_decode(general)
+    out["moebal_general"] = _GeneralPaths(general)
     unpacked = copy.deepcopy(mods32["moebal"]).to(dtype)
     out["moebal_unpacked"] = unpacked
     loop = copy.deepcopy(unpacked)
@@ -149,7 +181,9 @@ def run_decode_bench(tokens=(1, 8, 64), dtypes=("fp32", "bf16"), shape: LayerCon
         result = {"schema": SCHEMA, **environment([threads]), "shape": asdict(shape), "timer": clock_name,
                   "settings": {"repeats": repeats, "warmup": warmup, "seed": seed, "statistic": "median of "
                                "interleaved rounds", "mode": "forward under torch.inference_mode, module.eval()",
-                               "moebal": "prepare_decode layout", "moebal_unpacked": "no decode layout",
+                               "moebal": "prepare_decode layout", "moebal_general": "prepare_decode layout, the lean inference "
+                               "paths off (general router, plan, autograd dispatch/combine)",
+                               "moebal_unpacked": "no decode layout",
                                "moebal_loop": "experts.path='loop' (the CPU path before the path rule)"},
                   "read_bandwidth_GBps": bw / 1e9, "bandwidth_buffer_bytes": bandwidth_bytes,
                   "points": [], "skipped_peers": skipped}
