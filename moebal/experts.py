@@ -193,9 +193,9 @@ def expert_ffn(
     bounds = None
     if path == "auto":
         if xs_RD.device.type == "cpu" and not torch.compiler.is_compiling():
-            bounds = host_bounds(plan)
-            touched = sum(1 for _, n, _ in bounds if n)
-            rows = sum(n for _, n, _ in bounds) / max(touched, 1)
+            kept = plan.kept_E.tolist()  # the rule needs only the counts; bounds only the paths that loop
+            touched = len(kept) - kept.count(0)
+            rows = sum(kept) / max(touched, 1)
             need = any(t is not None and t.requires_grad for t in (w_in_EDH, w_out_EFD, b_in_EH, b_out_ED))
             path = choose_path(xs_RD, need, rows, packed=pack is not None)
             if not path.endswith("_packed"):

@@ -240,7 +240,7 @@ def _lean_dropless_plan(expert_N: torch.Tensor, T: int, K: int, E: int) -> Dispa
         return None
     order_N = torch.sort(expert_N, stable=True).indices
     ends_E = torch.cumsum(counts_E, 0)
-    row_of_pair_N = torch.argsort(order_N)  # the inverse permutation
+    row_of_pair_N = torch.empty_like(order_N).scatter_(0, order_N, torch.arange(N))  # the inverse permutation
     return DispatchPlan(
         num_tokens=T, top_k=K, num_experts=E, capacity=None, counts_E=counts_E, kept_E=counts_E,
         starts_E=ends_E - counts_E, group_ends_E=ends_E.to(torch.int32), row_of_pair_TK=row_of_pair_N.view(T, K),
