@@ -6,8 +6,8 @@ A decode step routes a handful of tokens, so the router's time is its op count, 
 FLOPs. ``Router.forward`` spends about thirty small ops on what a batch of finite logits
 does not need: per-token finite checks, NaN handling, a second softmax, the tie repair
 and the host reads that decide whether a row needs the log-space weights of
-``moebal.routing._chosen_weights``. ``lean_route`` gives the same ``Routing`` bit for
-bit where that is provable cheaply: eval mode, no gradient, eager CPU, no autocast, plain
+``moebal.routing._chosen_weights``. ``lean_route`` gives the same routing bit for bit
+where that is provable cheaply: eval mode, no gradient, eager CPU, no autocast, plain
 top-k (no selecting policy, no record/replay hook, no group limit), and a batch whose
 logits are finite and whose top K+1 scores hold no tie. Anywhere else, and for a batch
 that needs a repair (a tie at the top-k boundary, a sigmoid sum below fp32's normal
