@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from moebal.experts import GroupedExperts
@@ -178,9 +179,9 @@ class SoftMoE(nn.Module):
         dtype = x_BMD.dtype
         xs_BND = dispatch_BMN.to(dtype).transpose(1, 2) @ x_BMD
         # expert-contiguous rows: expert e's slots of every group, [E * B * S, D]
-        xs_RD = xs_BND.view(B, E, S, D).transpose(0, 1).reshape(E * B * S, D)
+        xs_RD = rearrange(xs_BND, "b (e s) d -> (e b s) d", e=E, s=S)
         ys_RD = self.experts(xs_RD, _slot_plan(E, B * S, x_BMD.device))
-        ys_BND = ys_RD.view(E, B, S, D).transpose(0, 1).reshape(B, E * S, D)
+        ys_BND = rearrange(ys_RD, "(e b s) d -> b (e s) d", e=E, b=B, s=S)
         return combine_BMN.to(dtype) @ ys_BND
 
     def extra_repr(self) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from einops import rearrange
 
 from moebal.plan import slots_from_pairs
 from moebal.policies.base import Policy, RouteContext
@@ -125,10 +126,10 @@ class ExpertChoice(Policy):
             B = T // S
             C = expert_capacity(self.capacity_factor, B, K, E)
             # each (position s, expert e) row chooses C of the B tokens b*S + s
-            key_SEB = key_TE.view(B, S, E).permute(1, 2, 0)
+            key_SEB = rearrange(key_TE, "(b s) e -> s e b", s=S)
             b_SEC = torch.sort(key_SEB, dim=-1, descending=True, stable=True).indices[..., :C]
             s_S11 = torch.arange(S, device=key_TE.device).view(S, 1, 1)
-            tokens_EC = (b_SEC * S + s_S11).permute(1, 0, 2).reshape(E, S * C)
+            tokens_EC = rearrange(b_SEC * S + s_S11, "s e c -> e (s c)")
         experts_EC = torch.arange(E, device=key_TE.device)[:, None].expand_as(tokens_EC)
         tokens_N, experts_N = tokens_EC.reshape(-1), experts_EC.reshape(-1)
         tokens_N = torch.where(counted_T[tokens_N], tokens_N, -1)  # seats a masked token took stay empty
