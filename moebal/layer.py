@@ -15,6 +15,7 @@ from torch import nn
 from moebal.backend import BACKENDS, resolve_backend
 from moebal.dispatch import combine_rows, dispatch_rows
 from moebal.experts import ACTIVATIONS, GroupedExperts, activate, hidden_width
+from moebal.layer_decode import decode_forward
 from moebal.plan import DROP_POLICIES, build_pair_plan, build_plan
 from moebal.router import Router, make_router
 from moebal.stats import BalanceStats
@@ -256,6 +257,10 @@ class MoE(nn.Module):
                 raise ValueError(f"{name} must have the shape of x without its last dim {tuple(x.shape[:-1])}, got {got}")
         if token_mask is not None and token_mask.dtype != torch.bool:
             raise TypeError(f"token_mask must be a bool tensor (True = a real token; use mask.bool()), got {token_mask.dtype}")
+        if token_mask is None:
+            y = decode_forward(self, x)  # eval, no gradient, eager CPU: the decode step in one function
+            if y is not None:
+                return y
         if self.training and self.jitter_noise > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         shape = x.shape

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import moebal
+import moebal.layer as layer_mod
 import moebal.plan as plan_mod
 import moebal.router as router_mod
 from moebal import AuxLoss, LossFree, Router
@@ -21,9 +22,10 @@ from moebal.router_lean import lean_route
 
 
 def _general(monkeypatch):
-    """Switch the lean router and lean plan off: the general path runs."""
+    """Switch the lean router, lean plan and the layer's decode step off: the general path runs."""
     monkeypatch.setattr(router_mod, "lean_route", lambda *a, **k: None)
     monkeypatch.setattr(plan_mod, "_lean_dropless_plan", lambda *a, **k: None)
+    monkeypatch.setattr(layer_mod, "decode_forward", lambda *a, **k: None)
 
 
 def _route64(x, weight, top_k, score, renormalize, scale):

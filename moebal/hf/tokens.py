@@ -85,6 +85,16 @@ class _Frame:
     seq: int | None
     start: int = 0  # autograd sequence numbers of the nodes this forward created: [start, end)
     end: int = 0
+    all_real: bool | None = None  # the mask holds no padding: read once, on the first no-grad CPU request
+
+    def _no_padding(self) -> bool:
+        """Whether a no-gradient eager CPU forward may drop its all-True mask: the same outputs,
+        without the masking ops (a decode step's layers then take their unmasked fast path)."""
+        if torch.is_grad_enabled() or self.mask_BX.device.type != "cpu" or torch.compiler.is_compiling():
+            return False
+        if self.all_real is None:
+            self.all_real = bool(self.mask_BX.all())
+        return self.all_real
 
     def _fit(self, t: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:
         B, S = self.batch, self.seq
@@ -96,8 +106,9 @@ class _Frame:
     def tokens(self, shape: torch.Size):
         mask = None
         if self.mask_BX is not None:
-            mask = self._fit(self.mask_BX, shape)
-            if mask is None:
+            fits = tuple(shape) in ((self.batch, self.seq), (self.batch * self.seq,))
+            mask = None if fits and self._no_padding() else self._fit(self.mask_BX, shape)
+            if mask is None and not fits:
                 raise ValueError(
                     f"a moebal layer's input has token shape {tuple(shape)}, but the model's attention_mask "
                     f"{tuple(self.mask_BX.shape)} covers a batch of {self.batch} x {self.seq} current tokens: "
