@@ -33,8 +33,8 @@ MOEBAL_IMPLS = ("moebal", "moebal_general", "moebal_unpacked", "moebal_loop")
 class _GeneralPaths(torch.nn.Module):
     """A moebal layer run with the lean inference paths switched off, for a same-process A/B.
 
-    The lean router (``moebal.router_lean``), the lean dropless plan and the autograd-free
-    dispatch/combine each shortcut a general path and give the same values; switched off
+    The layer's decode step (``moebal.layer_decode``), the lean router (``moebal.router_lean``),
+    the lean dropless plan and the autograd-free dispatch/combine each shortcut a general path and give the same values; switched off
     for this module's forward, it runs the general router, plan and autograd Functions:
     the layer as it ran before those paths (the decode layout and the path rule stay).
     """
@@ -45,17 +45,20 @@ class _GeneralPaths(torch.nn.Module):
 
     def forward(self, x):
         import moebal.dispatch as dispatch_mod
+        import moebal.layer as layer_mod
         import moebal.plan as plan_mod
         import moebal.router as router_mod
 
-        saved = (router_mod.lean_route, plan_mod._lean_dropless_plan, dispatch_mod._needs_graph)
+        saved = (router_mod.lean_route, plan_mod._lean_dropless_plan, dispatch_mod._needs_graph, layer_mod.decode_forward)
         router_mod.lean_route = lambda *a, **k: None
         plan_mod._lean_dropless_plan = lambda *a, **k: None
         dispatch_mod._needs_graph = lambda *a: True
+        layer_mod.decode_forward = lambda *a, **k: None
         try:
             return self.moe(x)
         finally:
-            router_mod.lean_route, plan_mod._lean_dropless_plan, dispatch_mod._needs_graph = saved
+            (router_mod.lean_route, plan_mod._lean_dropless_plan, dispatch_mod._needs_graph,
+             layer_mod.decode_forward) = saved
 
 
 def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 3, timer: str = "cpu") -> float:
