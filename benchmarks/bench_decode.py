@@ -1,7 +1,7 @@
 """Inference speed on CPU: decode-sized MoE layers, the expert-path grid, and generate() tokens/s.
 
     python benchmarks/bench_decode.py --json benchmarks/results/decode_cpu.json
-    python benchmarks/bench_decode.py --paths --json benchmarks/results/expert_paths_cpu.json
+    python benchmarks/bench_decode.py --paths --threads 1 2 --json benchmarks/results/expert_paths_<cpu>.json
 
 Default run, all side by side in one process, one thread:
 
@@ -15,7 +15,7 @@ Default run, all side by side in one process, one thread:
   block (``moebal.hf.to_native``), batch 1 and 8: new tokens/s, interleaved rounds,
   median. The three produce the same tokens (checked).
 
-``--paths``: ``run_path_grid``, the measurements behind ``moebal.expert_paths.INFERENCE_TABLE``;
+``--paths``: ``run_path_grid``, the measurements behind ``moebal.expert_paths.CPU_TABLES`` (one per CPU kind);
 it prints the table to paste.
 """
 from __future__ import annotations
@@ -101,14 +101,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--paths", action="store_true", help="the path grid instead")
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1],
+                    help="--paths: the thread counts to measure (wall time above one thread)")
     ap.add_argument("--no-generate", action="store_true")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     load = lambda: subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()  # noqa: E731
     if args.paths:
-        grid = decode.run_path_grid(repeats=args.repeats, progress=print)
-        grid.update(environment([1]), load_before=load())
+        before = load()
+        grid = decode.run_path_grid(repeats=args.repeats, threads=tuple(args.threads), progress=print)
+        grid.update(environment(list(args.threads)), load_before=before, load_after=load())
         print(decode.table_from_grid(grid))
         if args.json:
             save_json(grid, args.json)

@@ -1,30 +1,121 @@
 """The expert path rule: it picks what its table says, and expert_ffn runs what it picks."""
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
 import moebal
 from moebal import Router, expert_paths
-from moebal.expert_paths import DEFAULT_RULE, INFERENCE_TABLE, ROW_BUCKETS, PathRule, rows_bucket
+from moebal.expert_paths import CPU_TABLES, DEFAULT_RULE, ROW_BUCKETS, PathRule, rows_bucket
 from moebal.decode import prepare_decode
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+GRIDS = {"amx": "expert_paths_xeon_amx.json", "avx512_bf16": "expert_paths_epyc_avx512_bf16.json"}
+CELLS = sorted((kind, key) for kind, table in CPU_TABLES.items() for key in table)
 
 
 def test_rows_bucket_rounds_up_to_the_next_bucket():
     assert [rows_bucket(r) for r in (0.5, 1, 1.01, 2, 2.5, 8, 9, 64, 500)] == [1, 1, 2, 2, 4, 8, 16, 64, 64]
 
 
-@pytest.mark.parametrize("key", sorted(INFERENCE_TABLE))
-def test_rule_picks_its_table_entry(key):
+@pytest.mark.parametrize("kind,key", CELLS)
+def test_rule_picks_its_table_entry(kind, key):
     dname, threads, bucket = key
-    best, unpacked = INFERENCE_TABLE[key]
+    rule = PathRule(table=CPU_TABLES[kind])
+    best, unpacked = rule.table[key]
     # any rows in (previous bucket, bucket] land in this cell
     prev = ROW_BUCKETS[ROW_BUCKETS.index(bucket) - 1] if bucket != ROW_BUCKETS[0] else 0
     for rows in (prev + 0.5 if prev else 1, bucket):
         kw = dict(device_type="cpu", dtype=DTYPES[dname], rows_per_expert=rows, threads=threads, grad=False)
-        assert DEFAULT_RULE.choose(packed=True, **kw) == best
-        assert DEFAULT_RULE.choose(packed=False, **kw) == unpacked
+        assert rule.choose(packed=True, **kw) == best
+        assert rule.choose(packed=False, **kw) == unpacked
         assert not unpacked.endswith("_packed")
+        if threads == 2:  # "more than one thread"
+            assert rule.choose(packed=True, **{**kw, "threads": 16}) == best
+
+
+@pytest.mark.parametrize("kind", sorted(CPU_TABLES))
+def test_each_cpu_table_is_its_measured_grid(kind):
+    """Every cell is the path with the least summed median time over its bucket's points, read
+    here from the grid the table was made from (and nothing the grid lacks is in the table)."""
+    grid = json.loads((RESULTS / GRIDS[kind]).read_text())
+    sums = {}
+    for point in grid["points"]:
+        key = (point["dtype"], min(point["threads"], 2), rows_bucket(point["rows_per_expert"]))
+        for path, seconds in point["median_s"].items():
+            sums.setdefault(key, {}).setdefault(path, 0.0)
+            sums[key][path] += seconds
+    want = {key: (min(acc, key=acc.get), min((p for p in acc if not p.endswith("_packed")), key=acc.get))
+            for key, acc in sums.items()}
+    assert CPU_TABLES[kind] == want
+
+
+def _probes(monkeypatch, amx, bf16, capability="AVX512"):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16, raising=False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+
+
+def test_cpu_kind_from_the_probes(monkeypatch):
+    _probes(monkeypatch, True, True)
+    assert expert_paths.cpu_kind() == "amx"
+    _probes(monkeypatch, False, True)
+    assert expert_paths.cpu_kind() == "avx512_bf16"
+    _probes(monkeypatch, False, False, "AVX2")
+    assert expert_paths.cpu_kind() == "avx2" and "avx2" not in CPU_TABLES  # no table: the loop
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert expert_paths.cpu_kind() == "avx2"  # a torch without the probe
+
+
+def test_use_rule_sets_what_auto_follows(monkeypatch):
+    from moebal import experts
+
+    calls = []
+    real = experts.bmm_experts
+    monkeypatch.setattr(experts, "bmm_experts", lambda *a: calls.append("bmm") or real(*a))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    torch.manual_seed(0)
+    moe = moebal.MoE(32, 16, 8, 2, router=Router(32, 8, 2, balancer=None)).eval()
+    x = torch.randn(3, 32)
+    rule = PathRule(table={("fp32", 1, b): ("bmm", "bmm") for b in ROW_BUCKETS})
+    with torch.inference_mode():
+        want = moe(x)
+        old = expert_paths.use_rule(rule)
+        try:
+            assert expert_paths.active_rule() is rule and old is DEFAULT_RULE
+            got = moe(x)
+        finally:
+            assert expert_paths.use_rule(None) is rule
+    assert expert_paths.active_rule() is DEFAULT_RULE
+    assert calls == ["bmm"]
+    torch.testing.assert_close(got, want)
+    with pytest.raises(TypeError, match="rule must be a PathRule"):
+        expert_paths.use_rule({("fp32", 1, 1): ("bmm", "bmm")})
+
+
+def test_calibrate_measures_a_rule_for_the_shape():
+    lines = []
+    rule = expert_paths.calibrate(d_model=32, d_ff=16, num_experts=8, top_k=2, tokens=(1, 16), dtypes=("fp32",),
+                                  threads=(1,), repeats=1, progress=lines.append)
+    # T=1: 2 experts with one row each (bucket 1); T=16: 32 rows over at most 8 experts (4 or more)
+    assert len(lines) == 2 and all("T=" in line for line in lines)
+    assert set(rule.table) <= {("fp32", 1, b) for b in ROW_BUCKETS} and ("fp32", 1, 1) in rule.table
+    for best, unpacked in rule.table.values():
+        assert best.removesuffix("_packed") in ("loop", "grouped", "bmm", "gemv")
+        assert unpacked in ("loop", "grouped", "bmm", "gemv")
+    assert rule.choose(device_type="cpu", dtype=torch.bfloat16, rows_per_expert=1, threads=1, grad=False) == "loop"
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(tokens=()), "tokens"), (dict(tokens=4), "tokens"), (dict(tokens=(0,)), "tokens"),
+    (dict(dtypes=("fp16",)), "dtypes"), (dict(dtypes="fp32"), "dtypes"), (dict(threads=0), "threads"),
+    (dict(repeats=0), "repeats"), (dict(d_model=0), "d_model"),
+])
+def test_calibrate_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        expert_paths.calibrate(**{"progress": False, **kwargs})
 
 
 def test_rule_outside_the_table():
