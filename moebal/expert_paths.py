@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moebal.decode import onednn_supports
+
 __all__ = ["PathRule", "DEFAULT_RULE", "ROW_BUCKETS", "INFERENCE_TABLE", "CPU_TABLES", "choose_path", "cpu_kind",
            "calibrate", "use_rule", "active_rule"]
 
@@ -65,36 +67,36 @@ _AMX_TABLE: dict[tuple[str, int, int], tuple[str, str]] = {
     ('fp32', 1, 64): ('loop', 'loop'),
 }
 # AMD EPYC (Zen 4: AVX-512 with bf16, no AMX), one and two threads
-# (benchmarks/results/expert_paths_epyc_avx512_bf16.json, load 0.6 before, 1.6 after)
+# (benchmarks/results/expert_paths_epyc_avx512_bf16.json, load 0.4 before, 1.7 after)
 _AVX512_BF16_TABLE: dict[tuple[str, int, int], tuple[str, str]] = {
-    ('bf16', 1, 1): ('grouped_packed', 'grouped'),
-    ('bf16', 1, 2): ('grouped_packed', 'grouped'),
-    ('bf16', 1, 4): ('grouped_packed', 'grouped'),
-    ('bf16', 1, 8): ('grouped_packed', 'grouped'),
-    ('bf16', 1, 16): ('grouped_packed', 'grouped'),
-    ('bf16', 1, 32): ('grouped_packed', 'grouped'),
-    ('bf16', 1, 64): ('grouped_packed', 'grouped'),
-    ('bf16', 2, 1): ('grouped_packed', 'grouped'),
-    ('bf16', 2, 2): ('grouped_packed', 'grouped'),
-    ('bf16', 2, 4): ('bmm_packed', 'bmm'),
-    ('bf16', 2, 8): ('bmm', 'bmm'),
-    ('bf16', 2, 16): ('bmm', 'bmm'),
-    ('bf16', 2, 32): ('grouped', 'grouped'),
-    ('bf16', 2, 64): ('grouped_packed', 'grouped'),
-    ('fp32', 1, 1): ('gemv', 'gemv'),
+    ('bf16', 1, 1): ('onednn_packed', 'grouped'),
+    ('bf16', 1, 2): ('onednn_packed', 'grouped'),
+    ('bf16', 1, 4): ('onednn_packed', 'bmm'),
+    ('bf16', 1, 8): ('onednn_packed', 'grouped'),
+    ('bf16', 1, 16): ('onednn_packed', 'grouped'),
+    ('bf16', 1, 32): ('onednn_packed', 'grouped'),
+    ('bf16', 1, 64): ('onednn_packed', 'loop'),
+    ('bf16', 2, 1): ('onednn_packed', 'grouped'),
+    ('bf16', 2, 2): ('onednn_packed', 'bmm'),
+    ('bf16', 2, 4): ('onednn_packed', 'bmm'),
+    ('bf16', 2, 8): ('onednn_packed', 'bmm'),
+    ('bf16', 2, 16): ('onednn_packed', 'bmm'),
+    ('bf16', 2, 32): ('onednn_packed', 'grouped'),
+    ('bf16', 2, 64): ('onednn_packed', 'grouped'),
+    ('fp32', 1, 1): ('grouped', 'grouped'),
     ('fp32', 1, 2): ('grouped', 'grouped'),
     ('fp32', 1, 4): ('grouped', 'grouped'),
-    ('fp32', 1, 8): ('grouped_packed', 'grouped'),
-    ('fp32', 1, 16): ('grouped_packed', 'grouped'),
-    ('fp32', 1, 32): ('grouped_packed', 'loop'),
-    ('fp32', 1, 64): ('loop', 'loop'),
+    ('fp32', 1, 8): ('onednn_packed', 'grouped'),
+    ('fp32', 1, 16): ('onednn_packed', 'grouped'),
+    ('fp32', 1, 32): ('onednn_packed', 'loop'),
+    ('fp32', 1, 64): ('onednn_packed', 'loop'),
     ('fp32', 2, 1): ('gemv', 'gemv'),
     ('fp32', 2, 2): ('bmm', 'bmm'),
     ('fp32', 2, 4): ('bmm_packed', 'bmm'),
-    ('fp32', 2, 8): ('bmm_packed', 'bmm'),
-    ('fp32', 2, 16): ('bmm_packed', 'bmm'),
-    ('fp32', 2, 32): ('grouped_packed', 'loop'),
-    ('fp32', 2, 64): ('loop', 'loop'),
+    ('fp32', 2, 8): ('onednn_packed', 'bmm'),
+    ('fp32', 2, 16): ('onednn_packed', 'bmm'),
+    ('fp32', 2, 32): ('onednn_packed', 'bmm'),
+    ('fp32', 2, 64): ('onednn_packed', 'loop'),
 }
 CPU_TABLES: dict[str, dict[tuple[str, int, int], tuple[str, str]]] = {
     "amx": _AMX_TABLE, "avx512_bf16": _AVX512_BF16_TABLE,
@@ -141,6 +143,8 @@ class PathRule:
         if cell is None:
             return self.fallback
         best, unpacked = cell
+        if best == "onednn" + PACKED and not onednn_supports(dtype):  # a torch build without oneDNN's linear
+            return unpacked
         return best if packed or not best.endswith(PACKED) else unpacked
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moebal.decode import bmm_experts, decode_pack, gemv_experts
+from moebal.decode import bmm_experts, decode_pack, gemv_experts, onednn_experts
 from moebal.expert_paths import choose_path
 from moebal.experts_loop import host_bounds, loop_experts
 from moebal.plan import DispatchPlan
@@ -27,11 +27,12 @@ __all__ = ["GroupedExperts", "ACTIVATIONS", "GATED_ACTIVATIONS", "EXPERT_PATHS",
 
 # "loop": per-expert GEMMs into reused buffers (moebal.experts_loop); "grouped": grouped_mm
 # (bmm with a capacity; static shapes, compiles); "bmm": padded bmm per run of adjacent
-# touched experts and "gemv": matrix-vector calls per touched expert (moebal.decode);
+# touched experts, "gemv": matrix-vector calls per touched expert and "onednn" (no gradient):
+# oneDNN's linear per touched expert on weights reordered once (moebal.decode);
 # "auto": the measured rule of moebal.expert_paths; "fused_gather" (GroupedExperts / MoE
 # only, Triton backend): the first GEMM reads the token rows by index
 # (moebal.triton_ops.triton_gather_grouped_mm), so xs is never written
-EXPERT_PATHS = ("auto", "loop", "grouped", "bmm", "gemv", "fused_gather")
+EXPERT_PATHS = ("auto", "loop", "grouped", "bmm", "gemv", "onednn", "fused_gather")
 
 # "gelu" is the exact erf GELU; "gelu_tanh" its tanh approximation (GPT-2's gelu_new);
 # "relu" (OPT). The gated ones split h [..., 2F] into gate then up: "swiglu" is
@@ -173,12 +174,13 @@ def expert_ffn(
         plan: the DispatchPlan that laid out ``xs``.
         activation: one of ``ACTIVATIONS``.
         b_in_EH, b_out_ED: optional per-expert biases ``[E, H]``, ``[E, D]``.
-        path: one of ``EXPERT_PATHS``. ``"loop"``, ``"bmm"`` and ``"gemv"`` read the group
-            sizes on the host (free on CPU, a sync on GPU); ``"grouped"`` has static shapes
-            and compiles; ``"auto"`` asks ``moebal.expert_paths.choose_path``.
-        pack: the decode layout (``moebal.decode.decode_pack``) for ``"gemv"``, ``"bmm"`` and
-            ``"grouped"`` (read through transposed views), or None; used only when no weight
-            needs a gradient.
+        path: one of ``EXPERT_PATHS``. ``"loop"``, ``"bmm"``, ``"gemv"`` and ``"onednn"`` (no
+            gradient) read the group sizes on the host (free on CPU, a sync on GPU);
+            ``"grouped"`` has static shapes and compiles; ``"auto"`` asks
+            ``moebal.expert_paths.choose_path``.
+        pack: the decode layout (``moebal.decode.decode_pack``) for ``"gemv"``, ``"bmm"``,
+            ``"onednn"`` and ``"grouped"`` (read through transposed views), or None; used only
+            when no weight needs a gradient.
 
     Capacity padding rows are never read by ``combine``; the loop path returns them as
     zeros and computes nothing for them.
@@ -215,6 +217,8 @@ def expert_ffn(
         return loop_experts(xs_RD, w_in_EDH, w_out_EFD, b_in_EH, b_out_ED, bounds, activation)
     if path == "bmm":
         return bmm_experts(xs_RD, w_in_EDH, w_out_EFD, b_in_EH, b_out_ED, bounds, activation, pack)
+    if path == "onednn":
+        return onednn_experts(xs_RD, w_in_EDH, w_out_EFD, b_in_EH, b_out_ED, bounds, activation, pack)
     return gemv_experts(xs_RD, w_in_EDH, w_out_EFD, b_in_EH, b_out_ED, bounds, activation, pack)
 
 
@@ -264,7 +268,7 @@ class GroupedExperts(nn.Module):
         b_in = self.b_in_EH.to(dtype) if self.b_in_EH is not None else None
         b_out = self.b_out_ED.to(dtype) if self.b_out_ED is not None else None
         training = torch.is_grad_enabled() and self.w_in_EDH.requires_grad
-        wants_pack = self.path in ("auto", "gemv", "bmm", "grouped") and not torch.compiler.is_compiling()
+        wants_pack = self.path in ("auto", "gemv", "bmm", "grouped", "onednn") and not torch.compiler.is_compiling()
         pack = decode_pack(self, dtype) if wants_pack and not training else None  # compiled: the stored weights
         return expert_ffn(
             xs_RD, pooled_cast(self.w_in_EDH, dtype), pooled_cast(self.w_out_EFD, dtype), plan, self.activation,

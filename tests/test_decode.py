@@ -1,10 +1,11 @@
-"""The inference-shaped expert paths ("gemv", "bmm") and prepare_decode's layout.
+"""The inference-shaped expert paths ("gemv", "bmm", "onednn") and prepare_decode's layout.
 
 Values and gradients against a float64 per-expert loop written here; the decode layout
 against the same loop, its refresh when the weights change, and the layer in the setups
 users run inference in (inference_mode, bf16, deepcopy, state_dict, padding masks, T=0).
 """
 import copy
+import pickle
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ import torch.nn.functional as F
 
 import moebal
 from moebal import Router
-from moebal.decode import decode_pack, prepare_decode, release_decode
+from moebal import decode, expert_paths
+from moebal.decode import DecodePack, decode_pack, onednn_supports, prepare_decode, release_decode
 from moebal.dispatch import dispatch_rows
 from moebal.experts import expert_ffn
 from moebal.plan import build_plan
@@ -88,10 +90,86 @@ def test_paths_match_float64_loop_values_and_grads(path, case, activation, bias)
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("path", ["gemv", "bmm", "grouped"])
+needs_onednn = pytest.mark.skipif(not onednn_supports(torch.float32), reason="this torch build has no oneDNN linear")
+
+
+@needs_onednn
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("activation", ["swiglu", "gelu", "relu"])
+@pytest.mark.parametrize("case", CASES)
+def test_onednn_path_matches_float64_loop(case, activation, bias, packed):
+    """fp32, with the reordered weights of a decode layout or reordered on the call; capacity
+    padding and untouched experts give zero rows."""
+    T, D, F_, E, K, cap = case
+    idx, _ = random_routing(T, E, K, seed=T + E)
+    plan = build_plan(idx, E, cap)
+    g = torch.Generator().manual_seed(1)
+    xs = torch.randn(plan.num_rows, D, generator=g, dtype=torch.float64)
+    xs = torch.where((plan.token_of_row_R >= 0).unsqueeze(1), xs, 0.0)
+    params = [p.detach() if p is not None else None for p in _params(E, D, F_, activation, bias, torch.float64, 2)]
+    w_in, w_out, b_in, b_out = [p.float() if p is not None else None for p in params]
+    pack = DecodePack(w_in.transpose(1, 2).contiguous(), w_out.transpose(1, 2).contiguous(), ()) if packed else None
+    with torch.inference_mode():
+        ys = expert_ffn(xs.float(), w_in, w_out, plan, activation, b_in, b_out, path="onednn", pack=pack)
+    ref = _ref(xs, *params[:2], *params[2:], plan, activation)
+    assert ys.dtype == torch.float32 and ys.shape == ref.shape
+    torch.testing.assert_close(ys.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_onednn_weights_are_made_once_dropped_with_the_pack_and_need_no_grad():
+    torch.manual_seed(0)
+    moe = moebal.MoE(16, 8, 4, 2, router=Router(16, 4, 2, balancer=None)).eval()
+    base = prepare_decode(moe)
+    moe.experts.path = "onednn"
+    x = torch.randn(5, 16)
+    with torch.inference_mode():
+        y = moe(x)
+        pack = decode_pack(moe.experts, torch.float32)
+        made = pack.onednn_weights()
+        moe(x)
+        assert pack.onednn_weights() is made and len(made[0]) == 4  # one reordered weight per expert
+        assert pack.nbytes > base  # the reordered copies count
+    ema = copy.deepcopy(moe)  # a copy (EMA, a checkpoint by pickling) leaves the reordered weights behind
+    pickled = pickle.loads(pickle.dumps(moe))
+    ref = copy.deepcopy(moe)
+    release_decode(ref)
+    ref.experts.path = "loop"
+    with torch.no_grad():
+        torch.testing.assert_close(y, ref(x), rtol=1e-5, atol=1e-6)
+        assert not ema.experts._decode_pack._onednn
+        torch.testing.assert_close(ema(x), y, rtol=0, atol=0)
+        torch.testing.assert_close(pickled(x), y, rtol=0, atol=0)
+        moe.experts.w_out_EFD.mul_(-1.0)  # a weight update: the pack and its reordered copies are remade
+        torch.testing.assert_close(moe(x), -y, rtol=1e-5, atol=1e-6)
+        assert decode_pack(moe.experts, torch.float32) is not pack
+    with pytest.raises(ValueError, match="path='onednn' runs without gradients"):
+        moe(x.requires_grad_(True))
+    moe.train()
+    with pytest.raises(ValueError, match="path='onednn' runs without gradients"):
+        moe(torch.randn(3, 16))
+
+
+def test_onednn_unsupported_is_a_clear_error_and_the_rule_steps_around_it(monkeypatch):
+    assert not onednn_supports(torch.float64) and not onednn_supports(torch.float16)
+    monkeypatch.setattr(decode, "onednn_supports", lambda dtype: False)
+    monkeypatch.setattr(expert_paths, "onednn_supports", lambda dtype: False)
+    plan = build_plan(torch.tensor([[0, 1]]), 2, None)
+    w_in, w_out = torch.randn(2, 4, 6), torch.randn(2, 3, 4)
+    with torch.inference_mode(), pytest.raises(ValueError, match="needs oneDNN's linear"):
+        expert_ffn(torch.randn(2, 4), w_in, w_out, plan, path="onednn")
+    rule = expert_paths.PathRule(table={("fp32", 1, 1): ("onednn_packed", "bmm")})
+    kw = dict(device_type="cpu", dtype=torch.float32, rows_per_expert=1, threads=1, grad=False)
+    assert rule.choose(packed=True, **kw) == "bmm"
+
+
+@pytest.mark.parametrize("path", ["gemv", "bmm", "grouped", "onednn"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_layout_matches_float64_and_the_loop_path(path, dtype):
     """With the decode layout: within 2x the loop path's own error from float64 (+ a small atol)."""
+    if path == "onednn" and not onednn_supports(dtype):
+        pytest.skip(f"no oneDNN linear in {dtype} here")
     torch.manual_seed(0)
     moe = moebal.MoE(32, 16, 8, 2, router=Router(32, 8, 2, balancer=None)).eval().to(dtype)
     x = torch.randn(5, 32).to(dtype)

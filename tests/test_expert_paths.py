@@ -103,7 +103,7 @@ def test_calibrate_measures_a_rule_for_the_shape():
     assert len(lines) == 2 and all("T=" in line for line in lines)
     assert set(rule.table) <= {("fp32", 1, b) for b in ROW_BUCKETS} and ("fp32", 1, 1) in rule.table
     for best, unpacked in rule.table.values():
-        assert best.removesuffix("_packed") in ("loop", "grouped", "bmm", "gemv")
+        assert best.removesuffix("_packed") in ("loop", "grouped", "bmm", "gemv", "onednn")
         assert unpacked in ("loop", "grouped", "bmm", "gemv")
     assert rule.choose(device_type="cpu", dtype=torch.bfloat16, rows_per_expert=1, threads=1, grad=False) == "loop"
 
@@ -140,7 +140,7 @@ def test_layer_runs_the_path_the_rule_picks(monkeypatch, dtype, packed):
     from moebal import experts
 
     calls = []
-    for name in ("loop_experts", "bmm_experts", "gemv_experts"):
+    for name in ("loop_experts", "bmm_experts", "gemv_experts", "onednn_experts"):
         real = getattr(experts, name)
 
         def spy(*args, _real=real, _name=name):

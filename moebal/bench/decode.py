@@ -253,7 +253,7 @@ def format_decode_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-PATH_CANDIDATES = ("loop", "grouped", "bmm", "gemv", "grouped_packed", "bmm_packed", "gemv_packed")
+PATH_CANDIDATES = ("loop", "grouped", "bmm", "gemv", "grouped_packed", "bmm_packed", "gemv_packed", "onednn_packed")
 
 
 def run_path_grid(tokens=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), dtypes=("fp32", "bf16"),
@@ -266,7 +266,7 @@ def run_path_grid(tokens=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), dtypes=("fp32"
     ``moebal.expert_paths.INFERENCE_TABLE``.
     """
     import moebal
-    from moebal.decode import _pack
+    from moebal.decode import _pack, onednn_supports
     from moebal.dispatch import dispatch_rows
     from moebal.expert_paths import rows_bucket
     from moebal.experts import expert_ffn
@@ -298,7 +298,7 @@ def run_path_grid(tokens=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), dtypes=("fp32"
                     rows = T * K / max(touched, 1)
                     fns = {p: (lambda p=p: expert_ffn(xs, w_in, w_out, plan, path=p.replace("_packed", ""),
                                                       pack=pack if p.endswith("_packed") else None))
-                           for p in PATH_CANDIDATES}
+                           for p in PATH_CANDIDATES if p != "onednn_packed" or onednn_supports(dtype)}
                     times = _interleaved({p: (lambda _x, f=f: f()) for p, f in fns.items()}, None, repeats, 1, clock)
                     med = {p: statistics.median(ts) for p, ts in times.items()}
                     unpacked = {p: v for p, v in med.items() if not p.endswith("_packed")}
