@@ -1,6 +1,6 @@
 """Inference speed on CPU: decode-sized MoE layers, the expert-path grid, and generate() tokens/s.
 
-    python benchmarks/bench_decode.py --json benchmarks/results/decode_cpu.json
+    python benchmarks/bench_decode.py --json benchmarks/results/decode_cpu_<cpu>.json
     python benchmarks/bench_decode.py --paths --threads 1 2 --json benchmarks/results/expert_paths_<cpu>.json
 
 Default run, all side by side in one process, one thread:

@@ -4,10 +4,10 @@ Shape legend: R rows of xs, D model dim, F expert hidden, H first projection's w
 gated), E experts, L experts in a run, C rows per expert of a padded run, n rows of one expert.
 
 A decode batch gives each expert a handful of rows, so the expert FFNs are
-matrix-vector shaped and bound by reading the touched experts' weights. Two paths,
-both built from differentiable torch ops (they train too, gradients tested against
-float64), both reading the group sizes on the host (free on the CPU) and touching no
-weight of an expert that got no row:
+matrix-vector shaped and bound by reading the touched experts' weights. Three paths,
+all reading the group sizes on the host (free on the CPU) and touching no weight of an
+expert that got no row; the first two are built from differentiable torch ops (they
+train too, gradients tested against float64):
 
 - ``"gemv"``: per touched expert, ``torch.mv`` for one row and ``F.linear`` for more, on
   the decode layout when ``prepare_decode`` made one (below), else on the stored weights.
@@ -34,7 +34,6 @@ version counter moves) and is dropped by ``release_decode(model)``.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -62,31 +61,69 @@ def _reorder(w_OI: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(w_OI.contiguous(), 1)
 
 
-@dataclass(frozen=True)
 class DecodePack:
-    """Transposed copies of one ``GroupedExperts``' weights: ``w_in_EHD [E, H, D]``, ``w_out_EDF [E, D, F]``;
-    and, once the ``"onednn"`` path asked for them, oneDNN's reordered copy of each (``onednn_weights``)."""
+    """One ``GroupedExperts``' decode layouts in one compute dtype, each made on first use: the
+    transposed copies ``w_in_EHD [E, H, D]`` and ``w_out_EDF [E, D, F]``, and oneDNN's reordered
+    copy of each expert's weights (``onednn_weights``). ``prepare_decode`` makes the ones this
+    CPU's path table runs on; a path that asks for another makes it then.
 
-    w_in_EHD: torch.Tensor
-    w_out_EDF: torch.Tensor
-    source: tuple  # (data_ptr, _version) of w_in and w_out when packed
-    _onednn: list = field(default_factory=list, compare=False, repr=False)  # [(w_in per expert, w_out per expert)]
+    ``w_in_EDH``, ``w_out_EFD``: the stored weights (read, never written, when a layout is
+    made); ``source``: their ``(data_ptr, _version)`` pairs when the pack was made.
+    """
+
+    def __init__(self, w_in_EDH: torch.Tensor, w_out_EFD: torch.Tensor, dtype: torch.dtype, source: tuple = ()):
+        self._stored = (w_in_EDH, w_out_EFD)
+        self.dtype, self.device, self.source = dtype, w_in_EDH.device, source
+        self._transposed: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._onednn: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] | None = None
+
+    @classmethod
+    def from_transposed(cls, w_in_EHD: torch.Tensor, w_out_EDF: torch.Tensor, source: tuple = ()) -> "DecodePack":
+        """A pack over weights already in the decode layout."""
+        pack = cls(w_in_EHD.transpose(1, 2), w_out_EDF.transpose(1, 2), w_in_EHD.dtype, source)
+        pack._transposed = (w_in_EHD, w_out_EDF)
+        return pack
+
+    def transposed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(w_in_EHD, w_out_EDF)``, made on the first call."""
+        if self._transposed is None:
+            with torch.no_grad():
+                self._transposed = tuple(w.detach().to(self.dtype).transpose(1, 2).contiguous() for w in self._stored)
+        return self._transposed
+
+    @property
+    def w_in_EHD(self) -> torch.Tensor:
+        return self.transposed()[0]
+
+    @property
+    def w_out_EDF(self) -> torch.Tensor:
+        return self.transposed()[1]
+
+    def onednn_weights(self) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """Per expert oneDNN-reordered ``w_in [H, D]`` and ``w_out [D, F]``, made on the first call
+        (from the transposed copy where there is one, else one expert at a time from the stored weights)."""
+        if self._onednn is None:
+            with torch.no_grad():
+                sides = self._transposed or tuple(w.detach().transpose(1, 2) for w in self._stored)
+                self._onednn = tuple(tuple(_reorder(w.to(self.dtype)) for w in side.unbind(0)) for side in sides)
+        return self._onednn
 
     @property
     def nbytes(self) -> int:
-        extra = sum(w.numel() * w.element_size() for ws in self._onednn for side in ws for w in side)
-        return self.w_in_EHD.nbytes + self.w_out_EDF.nbytes + extra
+        """Bytes of the layouts made so far."""
+        n = sum(w.nbytes for w in self._transposed) if self._transposed is not None else 0
+        if self._onednn is not None:
+            n += sum(w.numel() * w.element_size() for side in self._onednn for w in side)
+        return n
 
-    def __reduce__(self):  # copies and pickles leave the reordered weights out (opaque tensors: no storage)
-        return (DecodePack, (self.w_in_EHD, self.w_out_EDF, self.source))
+    def __reduce__(self):  # copies and pickles keep the transposed copy, never the reordered one (no storage)
+        return (_restore_pack, (self._stored, self.dtype, self.source, self._transposed))
 
-    def onednn_weights(self) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-        """Per expert oneDNN-reordered ``w_in [H, D]`` and ``w_out [D, F]``, made on the first call."""
-        if not self._onednn:
-            with torch.no_grad():
-                self._onednn.append((tuple(_reorder(w) for w in self.w_in_EHD.unbind(0)),
-                                     tuple(_reorder(w) for w in self.w_out_EDF.unbind(0))))
-        return self._onednn[0]
+
+def _restore_pack(stored, dtype, source, transposed) -> DecodePack:
+    pack = DecodePack(*stored, dtype, source)
+    pack._transposed = transposed
+    return pack
 
 
 def _source(experts) -> tuple:
@@ -95,10 +132,17 @@ def _source(experts) -> tuple:
 
 
 def _pack(experts, dtype: torch.dtype) -> DecodePack:
-    with torch.no_grad():
-        w_in = experts.w_in_EDH.detach().to(dtype).transpose(1, 2).contiguous()
-        w_out = experts.w_out_EFD.detach().to(dtype).transpose(1, 2).contiguous()
-    return DecodePack(w_in, w_out, _source(experts))
+    return DecodePack(experts.w_in_EDH, experts.w_out_EFD, dtype, _source(experts))
+
+
+def _layouts_in_use(dtype: torch.dtype) -> tuple[bool, bool]:
+    """``(transposed, onednn)``: whether this process's path rule runs any cell in ``dtype`` on each layout."""
+    from moebal.expert_paths import _DTYPE_NAMES, PACKED, active_rule
+
+    name = _DTYPE_NAMES.get(dtype)
+    packed = {best for (dt, _, _), (best, _) in active_rule().table.items() if dt == name and best.endswith(PACKED)}
+    onednn = "onednn" + PACKED in packed and onednn_supports(dtype)
+    return bool(packed - {"onednn" + PACKED}), onednn
 
 
 def decode_pack(experts, dtype: torch.dtype) -> DecodePack | None:
@@ -111,7 +155,7 @@ def decode_pack(experts, dtype: torch.dtype) -> DecodePack | None:
     pack = getattr(experts, "_decode_pack", None)
     if pack is None:
         return None
-    if pack.w_in_EHD.dtype != dtype or pack.source != _source(experts) or pack.w_in_EHD.device != experts.w_in_EDH.device:
+    if pack.dtype != dtype or pack.source != _source(experts) or pack.device != experts.w_in_EDH.device:
         pack = _pack(experts, dtype)
         experts._decode_pack = pack
     return pack
@@ -130,13 +174,23 @@ def prepare_decode(model, dtype: torch.dtype | None = None) -> int:
     """Give every ``GroupedExperts`` in ``model`` the decode layout; returns the bytes it takes.
 
     ``dtype``: the compute dtype (default: the weights' own). The ``"auto"`` expert path
-    then picks ``"gemv"`` on it wherever ``moebal.expert_paths.DEFAULT_RULE`` measured
-    it fastest (bf16 decode batches on the CPU).
+    then runs on it wherever the path rule in force (``moebal.expert_paths.active_rule()``,
+    this CPU's measured table unless ``use_rule`` set another) found a path on the decode
+    layout fastest (``"onednn"`` for every bf16 batch on an AMD EPYC). It makes the layouts
+    that rule runs on in ``dtype``: the transposed copy, oneDNN's reordered copy, or both
+    (one more copy of the experts' memory each); a path that asks for one not made here
+    (an explicit ``path``, another rule) makes it on its first forward.
     """
     total = 0
     for ex in _grouped_experts(model):
-        ex._decode_pack = _pack(ex, dtype or ex.w_in_EDH.dtype)
-        total += ex._decode_pack.nbytes
+        pack = _pack(ex, dtype or ex.w_in_EDH.dtype)
+        transposed, onednn = _layouts_in_use(pack.dtype)
+        if transposed:
+            pack.transposed()
+        if onednn:
+            pack.onednn_weights()
+        ex._decode_pack = pack
+        total += pack.nbytes
     return total
 
 

@@ -213,10 +213,15 @@ def calibrate(d_model: int = 1024, d_ff: int = 384, num_experts: int = 64, top_k
 
 
 def choose_path(xs_RD: torch.Tensor, weights_need_grad: bool, rows_per_expert: float, packed: bool = False,
-                rule: PathRule | None = None) -> str:
-    """``rule.choose`` (default: ``active_rule()``) for these rows in the current grad mode and thread count."""
+                rule: PathRule | None = None, training: bool = False) -> str:
+    """``rule.choose`` (default: ``active_rule()``) for these rows in the current grad mode and thread count.
+
+    ``training``: the forward belongs to a training step even where no gradient is taken now
+    (a reentrant checkpoint's first forward runs under ``no_grad`` and its recompute with
+    gradients: both must take the training path, or the output differs from the plain step's).
+    """
     rule = rule if rule is not None else _ACTIVE[0]
-    grad = torch.is_grad_enabled() and (weights_need_grad or xs_RD.requires_grad)
+    grad = training or (torch.is_grad_enabled() and (weights_need_grad or xs_RD.requires_grad))
     return rule.choose(device_type=xs_RD.device.type, dtype=xs_RD.dtype, rows_per_expert=rows_per_expert,
                        threads=torch.get_num_threads(), grad=grad, compiling=torch.compiler.is_compiling(),
                        packed=packed)

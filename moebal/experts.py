@@ -164,6 +164,7 @@ def expert_ffn(
     b_out_ED: torch.Tensor | None = None,
     path: str = "auto",
     pack=None,
+    training: bool = False,
 ) -> torch.Tensor:
     """The E expert FFNs over the plan's expert-contiguous rows: ``ys [R, D]``.
 
@@ -199,7 +200,7 @@ def expert_ffn(
             touched = len(kept) - kept.count(0)
             rows = sum(kept) / max(touched, 1)
             need = any(t is not None and t.requires_grad for t in (w_in_EDH, w_out_EFD, b_in_EH, b_out_ED))
-            path = choose_path(xs_RD, need, rows, packed=pack is not None)
+            path = choose_path(xs_RD, need, rows, packed=pack is not None, training=training)
             if not path.endswith("_packed"):
                 pack = None
             path = path.removesuffix("_packed")
@@ -267,12 +268,14 @@ class GroupedExperts(nn.Module):
         dtype = xs_RD.dtype
         b_in = self.b_in_EH.to(dtype) if self.b_in_EH is not None else None
         b_out = self.b_out_ED.to(dtype) if self.b_out_ED is not None else None
-        training = torch.is_grad_enabled() and self.w_in_EDH.requires_grad
+        # a training step, also where no gradient is taken now (a reentrant checkpoint's first forward)
+        step = self.training and self.w_in_EDH.requires_grad
+        training = step or (torch.is_grad_enabled() and self.w_in_EDH.requires_grad)
         wants_pack = self.path in ("auto", "gemv", "bmm", "grouped", "onednn") and not torch.compiler.is_compiling()
         pack = decode_pack(self, dtype) if wants_pack and not training else None  # compiled: the stored weights
         return expert_ffn(
             xs_RD, pooled_cast(self.w_in_EDH, dtype), pooled_cast(self.w_out_EFD, dtype), plan, self.activation,
-            b_in, b_out, self.path, pack,
+            b_in, b_out, self.path, pack, training=step,
         )
 
     def forward_tokens(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:

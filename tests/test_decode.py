@@ -109,7 +109,7 @@ def test_onednn_path_matches_float64_loop(case, activation, bias, packed):
     xs = torch.where((plan.token_of_row_R >= 0).unsqueeze(1), xs, 0.0)
     params = [p.detach() if p is not None else None for p in _params(E, D, F_, activation, bias, torch.float64, 2)]
     w_in, w_out, b_in, b_out = [p.float() if p is not None else None for p in params]
-    pack = DecodePack(w_in.transpose(1, 2).contiguous(), w_out.transpose(1, 2).contiguous(), ()) if packed else None
+    pack = DecodePack(w_in, w_out, torch.float32) if packed else None
     with torch.inference_mode():
         ys = expert_ffn(xs.float(), w_in, w_out, plan, activation, b_in, b_out, path="onednn", pack=pack)
     ref = _ref(xs, *params[:2], *params[2:], plan, activation)
@@ -130,7 +130,7 @@ def test_onednn_weights_are_made_once_dropped_with_the_pack_and_need_no_grad():
         made = pack.onednn_weights()
         moe(x)
         assert pack.onednn_weights() is made and len(made[0]) == 4  # one reordered weight per expert
-        assert pack.nbytes > base  # the reordered copies count
+        assert pack.nbytes >= base and pack.nbytes >= moe.experts.w_in_EDH.nbytes  # the reordered copies count
     ema = copy.deepcopy(moe)  # a copy (EMA, a checkpoint by pickling) leaves the reordered weights behind
     pickled = pickle.loads(pickle.dumps(moe))
     ref = copy.deepcopy(moe)
@@ -138,7 +138,7 @@ def test_onednn_weights_are_made_once_dropped_with_the_pack_and_need_no_grad():
     ref.experts.path = "loop"
     with torch.no_grad():
         torch.testing.assert_close(y, ref(x), rtol=1e-5, atol=1e-6)
-        assert not ema.experts._decode_pack._onednn
+        assert ema.experts._decode_pack._onednn is None
         torch.testing.assert_close(ema(x), y, rtol=0, atol=0)
         torch.testing.assert_close(pickled(x), y, rtol=0, atol=0)
         moe.experts.w_out_EFD.mul_(-1.0)  # a weight update: the pack and its reordered copies are remade
@@ -191,7 +191,7 @@ def test_decode_layout_is_rebuilt_when_weights_change_and_never_saved():
     torch.manual_seed(0)
     moe = moebal.MoE(16, 8, 4, 2, router=Router(16, 4, 2, balancer=None)).eval()
     nbytes = prepare_decode(moe)
-    assert nbytes == moe.experts.w_in_EDH.nbytes + moe.experts.w_out_EFD.nbytes
+    assert nbytes == moe.experts._decode_pack.nbytes
     assert not any("pack" in k for k in moe.state_dict())
     x = torch.randn(3, 16)
     with torch.no_grad():
@@ -212,6 +212,33 @@ def test_decode_layout_is_rebuilt_when_weights_change_and_never_saved():
     fresh.load_state_dict(moe.state_dict())  # loads cleanly: nothing of the pack is expected
     with pytest.raises(ValueError, match="model has no moebal experts"):
         prepare_decode(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("cells,made", [
+    ({"gemv_packed"}, (True, False)), ({"onednn_packed"}, (False, True)),
+    ({"bmm_packed", "onednn_packed"}, (True, True)), ({"bmm", "loop"}, (False, False)),
+])
+def test_prepare_decode_makes_the_layouts_the_rule_runs_on(cells, made):
+    if "onednn_packed" in cells and not onednn_supports(torch.float32):
+        made = (made[0], False)
+    table = {("fp32", 1, b): (c, "loop") for b, c in zip((1, 2, 4, 8), sorted(cells) * 4)}
+    table[("bf16", 1, 1)] = ("gemv_packed", "loop")  # another dtype's cell makes nothing in fp32
+    torch.manual_seed(0)
+    moe = moebal.MoE(16, 8, 4, 2, router=Router(16, 4, 2, balancer=None)).eval()
+    old = expert_paths.use_rule(expert_paths.PathRule(table=table))
+    try:
+        nbytes = prepare_decode(moe)
+    finally:
+        expert_paths.use_rule(old)
+    pack = moe.experts._decode_pack
+    assert (pack._transposed is not None, pack._onednn is not None) == made
+    stored = moe.experts.w_in_EDH.nbytes + moe.experts.w_out_EFD.nbytes
+    assert nbytes == pack.nbytes and (nbytes == 0) == (made == (False, False))
+    if made == (True, False):
+        assert nbytes == stored
+    with torch.inference_mode():  # a path asking for a layout not made makes it
+        torch.testing.assert_close(pack.w_in_EHD, moe.experts.w_in_EDH.transpose(1, 2), rtol=0, atol=0)
+    assert pack._transposed is not None
 
 
 def test_training_forward_never_uses_the_decode_layout():

@@ -177,3 +177,38 @@ def test_choose_path_reads_grad_mode_and_threads(monkeypatch):
     with torch.no_grad():
         expert_paths.choose_path(xs, weights_need_grad=True, rows_per_expert=1.5)
     assert seen["grad"] is False
+
+
+def test_reentrant_checkpoint_takes_the_training_path_in_both_forwards(monkeypatch):
+    """Its first forward runs under no_grad: a training-mode layer still takes the training path
+    (not the inference table's), so the output equals the plain step's bit for bit."""
+    import copy
+
+    from torch.utils.checkpoint import checkpoint
+
+    from moebal import experts
+
+    calls = []
+    for name in ("loop_experts", "bmm_experts"):
+        real = getattr(experts, name)
+        monkeypatch.setattr(experts, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
+    rule = PathRule(table={(d, t, b): ("bmm", "bmm") for d in ("fp32", "bf16") for t in (1, 2) for b in ROW_BUCKETS})
+    old = expert_paths.use_rule(rule)
+    try:
+        torch.manual_seed(0)
+        moe = moebal.MoE(16, 8, 4, 2, router=Router(16, 4, 2, balancer=None))
+        ck = copy.deepcopy(moe)
+        x = torch.randn(6, 16)
+        want = moe(x)
+        calls.clear()
+        got = checkpoint(ck, x.requires_grad_(True), use_reentrant=True)
+        assert calls == ["loop_experts"]
+        got.square().sum().backward()
+        assert calls == ["loop_experts", "loop_experts"]  # the recompute too
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        calls.clear()
+        with torch.no_grad():
+            moe.eval()(x)  # eval without gradients: the rule's inference cell
+        assert calls == ["bmm_experts"]
+    finally:
+        expert_paths.use_rule(old)
