@@ -136,11 +136,13 @@ def _pack(experts, dtype: torch.dtype) -> DecodePack:
 
 
 def _layouts_in_use(dtype: torch.dtype) -> tuple[bool, bool]:
-    """``(transposed, onednn)``: whether this process's path rule runs any cell in ``dtype`` on each layout."""
+    """``(transposed, onednn)``: whether this process's path rule runs any cell in ``dtype`` at the
+    current thread count on each layout."""
     from moebal.expert_paths import _DTYPE_NAMES, PACKED, active_rule
 
-    name = _DTYPE_NAMES.get(dtype)
-    packed = {best for (dt, _, _), (best, _) in active_rule().table.items() if dt == name and best.endswith(PACKED)}
+    name, threads = _DTYPE_NAMES.get(dtype), 1 if torch.get_num_threads() <= 1 else 2
+    packed = {best for (dt, t, _), (best, _) in active_rule().table.items()
+              if dt == name and t == threads and best.endswith(PACKED)}
     onednn = "onednn" + PACKED in packed and onednn_supports(dtype)
     return bool(packed - {"onednn" + PACKED}), onednn
 
@@ -177,7 +179,8 @@ def prepare_decode(model, dtype: torch.dtype | None = None) -> int:
     then runs on it wherever the path rule in force (``moebal.expert_paths.active_rule()``,
     this CPU's measured table unless ``use_rule`` set another) found a path on the decode
     layout fastest (``"onednn"`` for every bf16 batch on an AMD EPYC). It makes the layouts
-    that rule runs on in ``dtype``: the transposed copy, oneDNN's reordered copy, or both
+    that rule runs on in ``dtype`` at the current thread count: the transposed copy,
+    oneDNN's reordered copy, or both
     (one more copy of the experts' memory each); a path that asks for one not made here
     (an explicit ``path``, another rule) makes it on its first forward.
     """

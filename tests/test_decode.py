@@ -218,11 +218,13 @@ def test_decode_layout_is_rebuilt_when_weights_change_and_never_saved():
     ({"gemv_packed"}, (True, False)), ({"onednn_packed"}, (False, True)),
     ({"bmm_packed", "onednn_packed"}, (True, True)), ({"bmm", "loop"}, (False, False)),
 ])
-def test_prepare_decode_makes_the_layouts_the_rule_runs_on(cells, made):
+def test_prepare_decode_makes_the_layouts_the_rule_runs_on(monkeypatch, cells, made):
     if "onednn_packed" in cells and not onednn_supports(torch.float32):
         made = (made[0], False)
     table = {("fp32", 1, b): (c, "loop") for b, c in zip((1, 2, 4, 8), sorted(cells) * 4)}
     table[("bf16", 1, 1)] = ("gemv_packed", "loop")  # another dtype's cell makes nothing in fp32
+    table[("fp32", 2, 1)] = ("gemv_packed", "loop")  # nor another thread count's
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     torch.manual_seed(0)
     moe = moebal.MoE(16, 8, 4, 2, router=Router(16, 4, 2, balancer=None)).eval()
     old = expert_paths.use_rule(expert_paths.PathRule(table=table))
