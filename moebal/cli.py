@@ -426,6 +426,20 @@ def _add_info(sub) -> None:
     p.set_defaults(run=_run_info, parser=p)
 
 
+def _expert_paths_line() -> str:
+    """Which measured CPU path table ``path="auto"`` follows here (inference without gradients)."""
+    from moebal import expert_paths
+
+    kind, table = expert_paths.CPU_KIND, expert_paths.active_rule().table
+    if not table:
+        return (f"CPU kind {kind!r} has no measured table: inference takes 'loop' "
+                "(moebal.expert_paths.calibrate() measures one)")
+    threads = sorted({t for _, t, _ in table})
+    source = "the shipped table" if expert_paths.active_rule() is expert_paths.DEFAULT_RULE else "a rule set by use_rule"
+    return (f"CPU kind {kind!r}: {source}, {len(table)} cells (threads "
+            + ", ".join("1" if t == 1 else "2+" for t in threads) + "; moebal.prepare_decode for inference)")
+
+
 def _run_info(args, parser) -> int:
     import platform
 
@@ -454,6 +468,7 @@ def _run_info(args, parser) -> int:
         rows.append(("backend 'auto'", f"{backend} — {reason}" + (" (cannot run here: see stderr)" if problem else "")))
     except ValueError as err:  # a bad MOEBAL_BACKEND value
         rows.append(("backend 'auto'", f"error: {err}"))
+    rows.append(("expert paths", _expert_paths_line()))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key.ljust(width)}  {value}")

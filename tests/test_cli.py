@@ -7,6 +7,8 @@ import sys
 import pytest
 import torch
 
+import moebal
+
 from moebal.cli import main
 
 
@@ -64,6 +66,16 @@ def test_info(capsys):
     out = capsys.readouterr().out
     assert f"torch           {torch.__version__}" in out
     assert "backend 'auto'  torch" in out and "moebal" in out and "triton" in out
+    assert f"expert paths    CPU kind {moebal.expert_paths.CPU_KIND!r}" in out
+
+
+def test_info_names_a_cpu_without_a_path_table(capsys, monkeypatch):
+    from moebal import expert_paths
+
+    monkeypatch.setattr(expert_paths, "CPU_KIND", "avx2")
+    monkeypatch.setattr(expert_paths, "_ACTIVE", [expert_paths.PathRule(table={})])
+    assert main(["info", "--device", "cpu"]) == 0
+    assert "CPU kind 'avx2' has no measured table: inference takes 'loop'" in capsys.readouterr().out
 
 
 def test_tiny_compare_through_the_cli(tmp_path, capsys):
