@@ -375,3 +375,12 @@ def test_forward_error_names_moebal_backend_not_an_argument_never_passed(triton_
     monkeypatch.delenv("MOEBAL_BACKEND")
     with pytest.raises(RuntimeError, match="backend='triton'"):
         moebal.MoE(8, 8, num_experts=4, top_k=2, backend="triton")(torch.randn(5, 8))
+
+
+def test_a_closed_pipe_ends_quietly():
+    """``moebal info | head -1``: the reader closes the pipe early; no traceback, exit 0."""
+    for reader in ("head -1", "true"):  # reads a line, or none at all
+        proc = subprocess.run(["bash", "-c", f"{sys.executable} -m moebal info | {reader}; exit ${{PIPESTATUS[0]}}"],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
