@@ -196,7 +196,8 @@ def expert_ffn(
     bounds = None
     if path == "auto":
         if xs_RD.device.type == "cpu" and not torch.compiler.is_compiling():
-            kept = plan.kept_E.tolist()  # the rule needs only the counts; bounds only the paths that loop
+            # the rule needs only the counts; bounds only the paths that loop
+            kept = plan.kept_E.tolist() if plan.host_bounds is None else [n for _, n, _ in plan.host_bounds]
             touched = len(kept) - kept.count(0)
             rows = sum(kept) / max(touched, 1)
             need = any(t is not None and t.requires_grad for t in (w_in_EDH, w_out_EFD, b_in_EH, b_out_ED))

@@ -233,7 +233,9 @@ def _covered(bounds) -> int:
 
 
 def host_bounds(plan: DispatchPlan) -> list[tuple[int, int, int]]:
-    """Per expert ``(first row, rows in use, end of its block)``, read on the host."""
+    """Per expert ``(first row, rows in use, end of its block)``, read on the host (or the plan's own)."""
+    if plan.host_bounds is not None:
+        return plan.host_bounds
     return list(zip(plan.starts_E.tolist(), plan.kept_E.tolist(), plan.group_ends_E.tolist()))
 
 

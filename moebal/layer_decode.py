@@ -85,7 +85,8 @@ def host_plan(expert_N: list[int], T: int, K: int, E: int) -> DispatchPlan:
     Field for field what ``moebal.plan.build_plan`` builds (rows sorted stably by expert,
     token order inside a group, nothing dropped or padding), from host lists: one tensor
     made and split into the fields (through ``torch.frombuffer`` of an ``array``: half the cost
-    of ``torch.tensor`` of a list, warm and cold), the int32 group ends another.
+    of ``torch.tensor`` of a list, warm and cold), the int32 group ends another; and the
+    experts' host bounds, which the expert paths would otherwise read back from the tensors.
     """
     N = len(expert_N)
     order_N = sorted(range(N), key=expert_N.__getitem__)  # stable: token order per expert
@@ -96,8 +97,9 @@ def host_plan(expert_N: list[int], T: int, K: int, E: int) -> DispatchPlan:
     row_of_pair_N = [0] * N
     for row, pair in enumerate(order_N):
         row_of_pair_N[pair] = row
+    starts_E = [e - c for e, c in zip(ends_E, counts_E)]
     fields = array.array("q", counts_E)
-    fields.extend([e - c for e, c in zip(ends_E, counts_E)])
+    fields.extend(starts_E)
     fields.extend(row_of_pair_N)
     fields.extend(order_N)
     fields.extend([p // K for p in order_N])
@@ -109,6 +111,7 @@ def host_plan(expert_N: list[int], T: int, K: int, E: int) -> DispatchPlan:
         num_tokens=T, top_k=K, num_experts=E, capacity=None, counts_E=counts, kept_E=counts, starts_E=starts,
         group_ends_E=ends, row_of_pair_TK=row_of_pair.view(T, K), pair_of_row_R=pair_of_row,
         token_of_row_R=token_of_row, may_have_null_pairs=False,
+        host_bounds=list(zip(starts_E, counts_E, ends_E)),
     )
 
 

@@ -25,7 +25,7 @@ host sync.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -53,6 +53,9 @@ class DispatchPlan:
     pair_of_row_R: torch.Tensor  # int64 [R]  flat pair id t*K+k of each row, -1 = padding
     token_of_row_R: torch.Tensor  # int64 [R]  source token of each row, -1 = padding
     may_have_null_pairs: bool = False  # pairs with expert -1 may exist (exact on CPU, else assumed)
+    # per expert (first row, rows in use, end of its block) as host ints, where the builder had them
+    # (the decode step's host plan); None: read from the tensors when a path needs them
+    host_bounds: list | None = field(default=None, compare=False, repr=False)
 
     @property
     def num_rows(self) -> int:

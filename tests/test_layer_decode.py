@@ -119,6 +119,9 @@ def test_host_plan_equals_build_plan(T, K, E):
         a, b = getattr(got, f), getattr(want, f)
         assert a.dtype == b.dtype and torch.equal(a, b), f
     assert not got.has_drops and got.capacity is None
+    # the host bounds it carries are what the expert paths would read back from the tensors
+    assert got.host_bounds == list(zip(want.starts_E.tolist(), want.kept_E.tolist(), want.group_ends_E.tolist()))
+    assert want.host_bounds is None
     # a loop: row r holds pair order[r], rows grouped by expert in token order
     rows = sorted(range(T * K), key=lambda p: (int(idx.reshape(-1)[p]), p))
     assert got.pair_of_row_R.tolist() == rows
