@@ -75,7 +75,7 @@ class DecodePack:
         self._stored = (w_in_EDH, w_out_EFD)
         self.dtype, self.device, self.source = dtype, w_in_EDH.device, source
         self._transposed: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._onednn: dict[bool, tuple[tuple[torch.Tensor, ...], ...]] = {}  # gated split or not -> weights
+        self._onednn: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] | None = None
 
     @classmethod
     def from_transposed(cls, w_in_EHD: torch.Tensor, w_out_EDF: torch.Tensor, source: tuple = ()) -> "DecodePack":
@@ -99,25 +99,22 @@ class DecodePack:
     def w_out_EDF(self) -> torch.Tensor:
         return self.transposed()[1]
 
-    def onednn_weights(self, gated: bool = False) -> tuple[tuple[torch.Tensor, ...], ...]:
-        """Per expert oneDNN-reordered weights, made on the first call: ``(w_in [H, D], w_out [D, F])``,
-        or with ``gated`` the first projection split into its halves, ``(gate [F, D], up [F, D],
-        w_out [D, F])``. Made from the transposed copy where there is one, else one expert at a
-        time from the stored weights."""
-        if gated not in self._onednn:
+    def onednn_weights(self) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """Per expert oneDNN-reordered ``w_in [H, D]`` and ``w_out [D, F]``, made on the first call
+        (from the transposed copy where there is one, else one expert at a time from the stored weights)."""
+        if self._onednn is None:
             with torch.no_grad():
-                w_in, w_out = self._transposed or tuple(w.detach().transpose(1, 2) for w in self._stored)
-                F_ = w_out.shape[2]
-                sides = (w_in[:, :F_], w_in[:, F_:], w_out) if gated else (w_in, w_out)
-                self._onednn[gated] = tuple(tuple(_reorder(w.to(self.dtype)) for w in side.unbind(0))
-                                            for side in sides)
-        return self._onednn[gated]
+                sides = self._transposed or tuple(w.detach().transpose(1, 2) for w in self._stored)
+                self._onednn = tuple(tuple(_reorder(w.to(self.dtype)) for w in side.unbind(0)) for side in sides)
+        return self._onednn
 
     @property
     def nbytes(self) -> int:
         """Bytes of the layouts made so far."""
         n = sum(w.nbytes for w in self._transposed) if self._transposed is not None else 0
-        return n + sum(w.numel() * w.element_size() for ws in self._onednn.values() for side in ws for w in side)
+        if self._onednn is not None:
+            n += sum(w.numel() * w.element_size() for side in self._onednn for w in side)
+        return n
 
     def __reduce__(self):  # copies and pickles keep the transposed copy, never the reordered one (no storage)
         return (_restore_pack, (self._stored, self.dtype, self.source, self._transposed))
@@ -194,7 +191,7 @@ def prepare_decode(model, dtype: torch.dtype | None = None) -> int:
         if transposed:
             pack.transposed()
         if onednn:
-            pack.onednn_weights(gated=ex.activation in _GATED)
+            pack.onednn_weights()
         ex._decode_pack = pack
         total += pack.nbytes
     return total
@@ -279,24 +276,16 @@ def _usable(pack: DecodePack | None, w_in_EDH, w_out_EFD) -> bool:
     return pack is not None and not (torch.is_grad_enabled() and (w_in_EDH.requires_grad or w_out_EFD.requires_grad))
 
 
-# activation -> (oneDNN post-op on the first linear, its algorithm); a gated one applies it to the
-# gate half and multiplies the up half's linear by it in a second post-op ("mul")
-_POST_OPS = {"swiglu": ("swish", ""), "geglu": ("gelu", "tanh"), "relu": ("relu", ""), "gelu": ("gelu", "none"),
-             "gelu_tanh": ("gelu", "tanh")}
-_GATED = ("swiglu", "geglu")
-
-
 def onednn_experts(xs_RD, w_in_EDH, w_out_EFD, b_in_EH, b_out_ED, bounds, activation,
                    pack: DecodePack | None = None):
     """``ys [R, D]``: oneDNN's linear per touched expert on reordered weights; padding rows zero.
 
-    The activation runs inside the first linear as a oneDNN post-op, on its fp32 accumulator
-    (a gated one: the gate half's linear applies it, the up half's multiplies by the result),
-    so an expert is two or three calls and no elementwise op. Inference only (the reordered
-    weights carry no gradient): a ValueError where a gradient would be taken. ``pack``: the
-    decode layout, whose reordered weights are made once; without one the touched experts'
-    weights are reordered on this call.
+    Inference only (the reordered weights carry no gradient): a ValueError where a gradient
+    would be taken. ``pack``: the decode layout, whose reordered weights are made once;
+    without one the touched experts' weights are reordered on this call.
     """
+    from moebal.experts import activate
+
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                        for t in (xs_RD, w_in_EDH, w_out_EFD, b_in_EH, b_out_ED)):
         raise ValueError("path='onednn' runs without gradients only (inference_mode or no_grad); "
@@ -305,26 +294,15 @@ def onednn_experts(xs_RD, w_in_EDH, w_out_EFD, b_in_EH, b_out_ED, bounds, activa
         raise ValueError(f"path='onednn' needs oneDNN's linear in {xs_RD.dtype} on this CPU and torch build, "
                          "which it does not have; use path='auto'")
     linear = torch.ops.mkldnn._linear_pointwise
-    post, algorithm = _POST_OPS[activation]
-    gated, F_ = activation in _GATED, w_out_EFD.shape[1]
-    weights = pack.onednn_weights(gated) if pack is not None else None
+    w_in, w_out = pack.onednn_weights() if pack is not None else (None, None)
     pieces = []
     for e, (s, n, _) in enumerate(bounds):
-        if not n:
-            continue
-        if weights is not None:
-            parts = [side[e] for side in weights]
-        else:  # reordered on this call
-            w_in = w_in_EDH[e].t()
-            parts = ([w_in[:F_], w_in[F_:]] if gated else [w_in]) + [w_out_EFD[e].t()]
-            parts = [_reorder(w) for w in parts]
-        x_nD, b_in = xs_RD[s:s + n], None if b_in_EH is None else b_in_EH[e]
-        if gated:
-            gate = linear(x_nD, parts[0], None if b_in is None else b_in[:F_], post, [], algorithm)
-            a_nF = linear.binary(x_nD, gate, parts[1], None if b_in is None else b_in[F_:], "mul")
-        else:
-            a_nF = linear(x_nD, parts[0], b_in, post, [], algorithm)
-        pieces.append(linear(a_nF, parts[-1], None if b_out_ED is None else b_out_ED[e], "none", [], ""))
+        if n:
+            wi = w_in[e] if w_in is not None else _reorder(w_in_EDH[e].t())
+            wo = w_out[e] if w_out is not None else _reorder(w_out_EFD[e].t())
+            h = linear(xs_RD[s:s + n], wi, None if b_in_EH is None else b_in_EH[e], "none", [], "")
+            pieces.append(linear(activate(h, activation), wo, None if b_out_ED is None else b_out_ED[e],
+                                 "none", [], ""))
     return _pieces_to_rows(pieces, bounds, xs_RD.shape[0], xs_RD * 0 if not pieces else xs_RD.new_empty(0, w_out_EFD.shape[-1]))
 
 
