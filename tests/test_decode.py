@@ -26,6 +26,9 @@ def _act64(h, activation):
     if activation == "swiglu":
         gate, up = h.chunk(2, dim=-1)
         return gate * torch.sigmoid(gate) * up
+    if activation == "geglu":
+        gate, up = h.chunk(2, dim=-1)
+        return F.gelu(gate, approximate="tanh") * up
     if activation == "relu":
         return h.clamp_min(0)
     return F.gelu(h, approximate="tanh" if activation == "gelu_tanh" else "none")
@@ -44,7 +47,7 @@ def _ref(xs, w_in, w_out, b_in, b_out, plan, activation):
 
 def _params(E, D, F_, activation, bias, dtype, seed):
     g = torch.Generator().manual_seed(seed)
-    H = 2 * F_ if activation == "swiglu" else F_
+    H = 2 * F_ if activation in ("swiglu", "geglu") else F_
     mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64) / s[-2] ** 0.5 if len(s) > 2 \
         else torch.randn(*s, generator=g, dtype=torch.float64) * 0.1  # noqa: E731
     ps = [mk(E, D, H), mk(E, F_, D)] + ([mk(E, H), mk(E, D)] if bias else [None, None])
@@ -96,7 +99,7 @@ needs_onednn = pytest.mark.skipif(not onednn_supports(torch.float32), reason="th
 @needs_onednn
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("activation", ["swiglu", "gelu", "relu"])
+@pytest.mark.parametrize("activation", ["swiglu", "geglu", "gelu", "gelu_tanh", "relu"])
 @pytest.mark.parametrize("case", CASES)
 def test_onednn_path_matches_float64_loop(case, activation, bias, packed):
     """fp32, with the reordered weights of a decode layout or reordered on the call; capacity
