@@ -26,10 +26,12 @@ train too, gradients tested against float64):
 The decode layout: the stored weights are laid out for ``x @ W`` (``w_in_EDH``,
 ``w_out_EFD``), and torch's bf16 matrix-vector kernels stream that layout at about half
 the rate of the transposed one (``[E, H, D]``, ``[E, D, F]``: every output a contiguous
-dot product, HF's own layout). ``prepare_decode(model)`` keeps one transposed copy of
-every expert weight in the compute dtype; it costs one more copy of the experts' memory,
-is never saved (not in ``state_dict``), is rebuilt when the weights change (their
-version counter moves) and is dropped by ``release_decode(model)``.
+dot product, HF's own layout). ``prepare_decode(model)`` gives every experts module a
+``DecodePack`` in the compute dtype that holds the transposed copy, oneDNN's reordered
+copy, or both: the ones the path rule in force runs on, the other made by the first path
+that asks for it. Each costs one more copy of the experts' memory; the pack is never
+saved (not in ``state_dict``), is rebuilt when the weights change (their version counter
+moves) and is dropped by ``release_decode(model)``.
 """
 from __future__ import annotations
 
@@ -76,13 +78,6 @@ class DecodePack:
         self.dtype, self.device, self.source = dtype, w_in_EDH.device, source
         self._transposed: tuple[torch.Tensor, torch.Tensor] | None = None
         self._onednn: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] | None = None
-
-    @classmethod
-    def from_transposed(cls, w_in_EHD: torch.Tensor, w_out_EDF: torch.Tensor, source: tuple = ()) -> "DecodePack":
-        """A pack over weights already in the decode layout."""
-        pack = cls(w_in_EHD.transpose(1, 2), w_out_EDF.transpose(1, 2), w_in_EHD.dtype, source)
-        pack._transposed = (w_in_EHD, w_out_EDF)
-        return pack
 
     def transposed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(w_in_EHD, w_out_EDF)``, made on the first call."""
@@ -290,6 +285,8 @@ def onednn_experts(xs_RD, w_in_EDH, w_out_EFD, b_in_EH, b_out_ED, bounds, activa
                                        for t in (xs_RD, w_in_EDH, w_out_EFD, b_in_EH, b_out_ED)):
         raise ValueError("path='onednn' runs without gradients only (inference_mode or no_grad); "
                          "path='auto' picks 'loop' when a gradient will be taken")
+    if xs_RD.device.type != "cpu":
+        raise ValueError(f"path='onednn' runs on the CPU only, got rows on {xs_RD.device}; use path='auto'")
     if not onednn_supports(xs_RD.dtype):
         raise ValueError(f"path='onednn' needs oneDNN's linear in {xs_RD.dtype} on this CPU and torch build, "
                          "which it does not have; use path='auto'")

@@ -162,6 +162,8 @@ def test_onednn_unsupported_is_a_clear_error_and_the_rule_steps_around_it(monkey
     w_in, w_out = torch.randn(2, 4, 6), torch.randn(2, 3, 4)
     with torch.inference_mode(), pytest.raises(ValueError, match="needs oneDNN's linear"):
         expert_ffn(torch.randn(2, 4), w_in, w_out, plan, path="onednn")
+    with torch.inference_mode(), pytest.raises(ValueError, match="runs on the CPU only"):
+        expert_ffn(torch.randn(2, 4, device="meta"), w_in.to("meta"), w_out.to("meta"), plan, path="onednn")
     rule = expert_paths.PathRule(table={("fp32", 1, 1): ("onednn_packed", "bmm")})
     kw = dict(device_type="cpu", dtype=torch.float32, rows_per_expert=1, threads=1, grad=False)
     assert rule.choose(packed=True, **kw) == "bmm"
