@@ -133,13 +133,10 @@ def _pack(experts, dtype: torch.dtype) -> DecodePack:
 def _layouts_in_use(dtype: torch.dtype) -> tuple[bool, bool]:
     """``(transposed, onednn)``: whether this process's path rule runs any cell in ``dtype`` at the
     current thread count on each layout."""
-    from moebal.expert_paths import _DTYPE_NAMES, PACKED, active_rule
+    from moebal.expert_paths import active_rule
 
-    name, threads = _DTYPE_NAMES.get(dtype), 1 if torch.get_num_threads() <= 1 else 2
-    packed = {best for (dt, t, _), (best, _) in active_rule().table.items()
-              if dt == name and t == threads and best.endswith(PACKED)}
-    onednn = "onednn" + PACKED in packed and onednn_supports(dtype)
-    return bool(packed - {"onednn" + PACKED}), onednn
+    packed = active_rule().packed_paths(dtype, torch.get_num_threads())
+    return bool(packed - {"onednn_packed"}), "onednn_packed" in packed and onednn_supports(dtype)
 
 
 def decode_pack(experts, dtype: torch.dtype) -> DecodePack | None:
@@ -175,9 +172,9 @@ def prepare_decode(model, dtype: torch.dtype | None = None) -> int:
     this CPU's measured table unless ``use_rule`` set another) found a path on the decode
     layout fastest (``"onednn"`` for every bf16 batch on an AMD EPYC). It makes the layouts
     that rule runs on in ``dtype`` at the current thread count: the transposed copy,
-    oneDNN's reordered copy, or both
-    (one more copy of the experts' memory each); a path that asks for one not made here
-    (an explicit ``path``, another rule) makes it on its first forward.
+    oneDNN's reordered copy, or both (one more copy of the experts' memory each); a path
+    that asks for one not made here (an explicit ``path``, another rule) makes it on its
+    first forward.
     """
     total = 0
     for ex in _grouped_experts(model):

@@ -108,11 +108,10 @@ def cpu_kind() -> str:
     Rapids on), ``"avx512_bf16"`` (AVX-512 with bf16 instructions, no AMX: AMD Zen 4 on, Intel
     Cooper Lake), else torch's CPU capability in lower case (``"avx512"``, ``"avx2"``, ...),
     which has no table."""
-    probe = getattr(torch, "cpu", None)
     try:
-        if probe._is_amx_tile_supported():
+        if torch.cpu._is_amx_tile_supported():
             return "amx"
-        if probe._is_avx512_bf16_supported():
+        if torch.cpu._is_avx512_bf16_supported():
             return "avx512_bf16"
     except (AttributeError, RuntimeError):  # a torch without the probes: no table
         pass
@@ -146,6 +145,12 @@ class PathRule:
         if best == "onednn" + PACKED and not onednn_supports(dtype):  # a torch build without oneDNN's linear
             return unpacked
         return best if packed or not best.endswith(PACKED) else unpacked
+
+    def packed_paths(self, dtype: torch.dtype, threads: int) -> set[str]:
+        """The paths on the decode layout (``"*_packed"``) this rule picks anywhere in ``dtype`` at
+        ``threads`` threads: the layouts ``prepare_decode`` makes."""
+        name, t = _DTYPE_NAMES.get(dtype), 1 if threads <= 1 else 2
+        return {best for (dt, n, _), (best, _) in self.table.items() if dt == name and n == t and best.endswith(PACKED)}
 
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}

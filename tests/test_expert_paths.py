@@ -8,6 +8,7 @@ import torch
 import moebal
 from moebal import Router, expert_paths
 from moebal.expert_paths import CPU_TABLES, DEFAULT_RULE, ROW_BUCKETS, PathRule, rows_bucket
+from moebal.bench.decode import table_from_grid
 from moebal.decode import prepare_decode
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -50,6 +51,18 @@ def test_each_cpu_table_is_its_measured_grid(kind):
     want = {key: (min(acc, key=acc.get), min((p for p in acc if not p.endswith("_packed")), key=acc.get))
             for key, acc in sums.items()}
     assert CPU_TABLES[kind] == want
+    assert table_from_grid(grid) == want  # what calibrate() builds its rule from
+
+
+
+def test_packed_paths_are_the_layouts_a_table_runs_on():
+    rule = PathRule(table=CPU_TABLES["avx512_bf16"])  # the README's EPYC rule table
+    assert rule.packed_paths(torch.bfloat16, 1) == {"onednn_packed"}
+    assert rule.packed_paths(torch.float32, 1) == {"onednn_packed"}
+    assert rule.packed_paths(torch.float32, 2) == {"bmm_packed", "onednn_packed"}
+    assert rule.packed_paths(torch.float32, 8) == rule.packed_paths(torch.float32, 2)  # "more than one thread"
+    assert rule.packed_paths(torch.float64, 1) == set()
+    assert PathRule(table=CPU_TABLES["amx"]).packed_paths(torch.bfloat16, 2) == set()  # never measured
 
 
 def _probes(monkeypatch, amx, bf16, capability="AVX512"):

@@ -33,8 +33,9 @@ MOEBAL_IMPLS = ("moebal", "moebal_general", "moebal_unpacked", "moebal_loop")
 class _GeneralPaths(torch.nn.Module):
     """A moebal layer run with the lean inference paths switched off, for a same-process A/B.
 
-    The layer's decode step (``moebal.layer_decode``), the lean router (``moebal.router_lean``),
-    the lean dropless plan and the autograd-free dispatch/combine each shortcut a general path and give the same values; switched off
+    The layer's decode step (``moebal.layer_decode``), the lean router
+    (``moebal.router_lean``), the lean dropless plan and the autograd-free dispatch/combine
+    each shortcut a general path and give the same values; switched off
     for this module's forward, it runs the general router, plan and autograd Functions:
     the layer as it ran before those paths (the decode layout and the path rule stay).
     """
