@@ -308,3 +308,31 @@ def test_decode_layout_under_autocast_is_made_in_the_autocast_dtype():
         y, y_ref = moe(x), ref(x)
     assert y.dtype == torch.bfloat16 and moe.experts._decode_pack.w_in_EHD.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), y_ref.float(), rtol=2e-2, atol=2e-2)
+
+
+@needs_onednn
+def test_onednn_path_under_autocast_and_padding_matches_the_loop(monkeypatch):
+    """Inference under bf16 autocast (the pack follows the compute dtype) and with a padding mask:
+    the same outputs as the loop path under the same autocast, masked tokens exactly zero."""
+    if not onednn_supports(torch.bfloat16):
+        pytest.skip("no oneDNN bf16 linear here")
+    torch.manual_seed(0)
+    moe = moebal.MoE(32, 16, 8, 2, router=Router(32, 8, 2, balancer=None)).eval()
+    ref = copy.deepcopy(moe)
+    ref.experts.path = "loop"
+    prepare_decode(moe)
+    moe.experts.path = "onednn"
+    from moebal import experts as experts_mod
+
+    calls, real = [], experts_mod.onednn_experts
+    monkeypatch.setattr(experts_mod, "onednn_experts", lambda *a: calls.append(a[0].dtype) or real(*a))
+    x = torch.randn(2, 5, 32)
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = moe(x, token_mask=mask), ref(x, token_mask=mask)
+        plain_got, plain_want = moe(x), ref(x)
+    assert calls == [torch.bfloat16, torch.bfloat16]  # both forwards ran the onednn path, in bf16
+    assert got.dtype == want.dtype
+    assert torch.count_nonzero(got[1, 3:]) == 0
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(plain_got.float(), plain_want.float(), rtol=2e-2, atol=2e-2)
